@@ -1,0 +1,287 @@
+"""Content-addressed cache of frozen image features.
+
+One image pass per (backbone, image, view), shared by every method, shot count, seed and process
+that needs it.  Layout::
+
+    CACHE_ROOT/<backbone fingerprint>/<transform fingerprint>/
+        shard-<id>.safetensors   fp32 features, one tensor per entry
+        shard-<id>.json          manifest: the entry keys + what produced them (written last)
+
+The key of an entry is the SHA-256 of the image file's bytes plus, for augmented views, the view's
+seed and index — never a path or mtime, so caches survive copies and work across cluster nodes.
+The backbone fingerprint covers architecture, weights and preprocessing; the transform
+fingerprint covers the augmentation spec and precision.  A shard becomes visible only when its
+manifest exists, and both are written atomically, so killing an extraction leaves no readable
+partial entry and a rerun encodes only what is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .data.transforms import AugmentSpec, augmented_view, build_eval_transform, load_image, view_seed
+from .io import atomic_save_safetensors, atomic_write_json, bytes_sha256, json_fingerprint
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
+    from .data.sources import Sample
+
+log = logging.getLogger(__name__)
+
+CACHE_SCHEMA = 1
+DEFAULT_SHARD_SIZE = 256
+
+
+def default_cache_dir() -> Path:
+    """``$BIOMEDAP_CACHE`` or ``~/.cache/biomedap/features``."""
+    env = os.environ.get("BIOMEDAP_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "biomedap" / "features"
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Which view of an image: the eval transform (``augment=None``) or augmented view ``index``.
+
+    An augmented view's crop is drawn from a generator seeded by (image hash, ``seed``, ``index``),
+    so the same view of the same image is identical in every process and every run that asks for it.
+    """
+
+    augment: AugmentSpec | None = None
+    seed: int = 0
+    index: int = 0
+
+    @property
+    def is_eval(self) -> bool:
+        return self.augment is None or self.augment.kind == "none"
+
+    def transform_fingerprint(self) -> str:
+        return "eval" if self.is_eval else self.augment.fingerprint()
+
+    def entry_suffix(self) -> str:
+        return "" if self.is_eval else f":s{self.seed}v{self.index}"
+
+
+def eval_view() -> ViewSpec:
+    return ViewSpec()
+
+
+def train_views(augment: AugmentSpec, seed: int, count: int) -> list[ViewSpec]:
+    """``count`` augmented views of run ``seed``: view ``e`` serves epoch ``e`` (or ``e mod count``)."""
+    return [ViewSpec(augment, seed, i) for i in range(count)]
+
+
+class FeatureCache:
+    """Feature store under ``root`` (see module docstring).  Cheap to create; safe to share."""
+
+    def __init__(self, root: str | os.PathLike | None = None, *, shard_size: int = DEFAULT_SHARD_SIZE):
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.shard_size = shard_size
+        self._image_hashes: dict[str, tuple[int, int, str]] = {}
+
+    # ----------------------------------------------------------------- keys
+    def image_sha256(self, path: str | os.PathLike) -> str:
+        """SHA-256 of the file's bytes, memoised per (path, size, mtime) within this instance."""
+        path = os.fspath(path)
+        try:
+            stat = os.stat(path)
+        except OSError as err:
+            raise FileNotFoundError(f"image not found: {path}") from err
+        memo = self._image_hashes.get(path)
+        if memo and memo[0] == stat.st_size and memo[1] == stat.st_mtime_ns:
+            return memo[2]
+        with open(path, "rb") as handle:
+            digest = bytes_sha256(handle.read())
+        self._image_hashes[path] = (stat.st_size, stat.st_mtime_ns, digest)
+        return digest
+
+    def namespace(self, backbone: Backbone, view: ViewSpec, precision: str = "fp32") -> Path:
+        transform = {"schema": CACHE_SCHEMA, "view": view.transform_fingerprint(), "precision": precision}
+        return self.root / backbone.identity.fingerprint / json_fingerprint(transform)[:20]
+
+    # ----------------------------------------------------------------- storage
+    def _index(self, namespace: Path) -> dict[str, Path]:
+        index: dict[str, Path] = {}
+        if not namespace.is_dir():
+            return index
+        for manifest in sorted(namespace.glob("shard-*.json")):
+            shard = manifest.with_suffix(".safetensors")
+            try:
+                keys = json.loads(manifest.read_text(encoding="utf-8"))["keys"]
+            except (OSError, ValueError, KeyError) as err:
+                log.warning("ignoring unreadable cache manifest %s (%s)", manifest, err)
+                continue
+            if shard.is_file():
+                for key in keys:
+                    index[key] = shard
+        return index
+
+    def lookup(self, namespace: Path, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The cached entries among ``keys`` (missing ones are simply absent)."""
+        from safetensors import safe_open
+
+        index = self._index(namespace)
+        by_shard: dict[Path, list[str]] = {}
+        for key in set(keys):
+            if key in index:
+                by_shard.setdefault(index[key], []).append(key)
+        found: dict[str, torch.Tensor] = {}
+        for shard, shard_keys in by_shard.items():
+            with safe_open(str(shard), framework="pt") as handle:
+                for key in shard_keys:
+                    found[key] = handle.get_tensor(key)
+        return found
+
+    def store(self, namespace: Path, entries: dict[str, torch.Tensor], info: dict) -> None:
+        """Write one shard, then its manifest (the commit point)."""
+        if not entries:
+            return
+        namespace.mkdir(parents=True, exist_ok=True)
+        stem = namespace / f"shard-{uuid.uuid4().hex[:16]}"
+        tensors = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in entries.items()}
+        atomic_save_safetensors(stem.with_suffix(".safetensors"), tensors)
+        atomic_write_json(stem.with_suffix(".json"),
+                          {"keys": list(tensors), "count": len(tensors), "biomedap": __version__, **info})
+
+    def clear(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def stats(self) -> dict:
+        """Number of entries and bytes per backbone fingerprint."""
+        out: dict[str, dict] = {}
+        if not self.root.is_dir():
+            return out
+        for backbone_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            entries = size = 0
+            for manifest in backbone_dir.glob("*/shard-*.json"):
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    entries += json.loads(manifest.read_text(encoding="utf-8"))["count"]
+                shard = manifest.with_suffix(".safetensors")
+                size += shard.stat().st_size if shard.exists() else 0
+            out[backbone_dir.name] = {"entries": entries, "bytes": size}
+        return out
+
+
+class _NoCache(FeatureCache):
+    """A cache that never finds nor keeps anything."""
+
+    def __init__(self):
+        super().__init__(root=os.devnull)
+
+    def lookup(self, namespace, keys):
+        return {}
+
+    def store(self, namespace, entries, info):
+        return None
+
+
+def _load_view(path: str, view: ViewSpec, image_sha: str, backbone: Backbone, eval_transform) -> torch.Tensor:
+    image = load_image(path)
+    if view.is_eval:
+        return eval_transform(image)
+    # The crop depends only on the image content and the view, not on its position in a dataset.
+    return augmented_view(image, view.augment, backbone.preprocess, view_seed(view.seed, view.index, image_sha))
+
+
+def encode_samples(
+    backbone: Backbone,
+    paths: Sequence[str] | Sequence[Sample],
+    views: ViewSpec | Sequence[ViewSpec] = ViewSpec(),
+    *,
+    cache: FeatureCache | None = None,
+    batch_size: int = 32,
+    precision: str = "fp32",
+    normalize: bool = True,
+    progress: bool | Callable = False,
+    desc: str = "encoding images",
+) -> torch.Tensor:
+    """Frozen image features of ``paths`` under each view: [N, D] for one view, [V, N, D] for a list.
+
+    Cached entries are read; missing ones are encoded in batches and written shard by shard
+    (every ``cache.shard_size`` images), so an interrupted extraction keeps what it finished.
+    ``cache=None`` encodes everything and stores nothing.
+    """
+    single = isinstance(views, ViewSpec)
+    view_list = [views] if single else list(views)
+    paths = [p.path if hasattr(p, "path") else os.fspath(p) for p in paths]
+    if cache is None:  # encode everything, store nothing (e.g. new images given to `predict`)
+        cache = _NoCache()
+    hashes = [cache.image_sha256(p) for p in paths]
+    dim = backbone.embed_dim
+    out = torch.empty(len(view_list), len(paths), dim, dtype=torch.float32)
+
+    # All views of one augmentation share a namespace: look each namespace up once.
+    wanted: dict[Path, list[tuple[int, int, str]]] = {}
+    for v, view in enumerate(view_list):
+        namespace = cache.namespace(backbone, view, precision)
+        wanted.setdefault(namespace, []).extend((v, i, h + view.entry_suffix()) for i, h in enumerate(hashes))
+    todo: list[tuple[int, int, str, Path]] = []  # (view idx, image idx, key, namespace)
+    for namespace, entries in wanted.items():
+        found = cache.lookup(namespace, [key for _, _, key in entries])
+        for v, i, key in entries:
+            if key in found:
+                out[v, i] = found[key]
+            else:
+                todo.append((v, i, key, namespace))
+
+    if todo:
+        eval_transform = build_eval_transform(backbone.preprocess)
+        bar = _progress_bar(progress, len(todo), desc)
+        pending: dict[Path, dict[str, torch.Tensor]] = {}
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                    if precision == "bf16" and backbone.device.type == "cuda" else contextlib.nullcontext())
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            pixels = torch.stack([_load_view(paths[i], view_list[v], hashes[i], backbone, eval_transform)
+                                  for v, i, _, _ in chunk])
+            with torch.no_grad(), autocast:
+                features = backbone.encode_image(pixels).float().cpu()
+            for (v, i, key, namespace), feature in zip(chunk, features):
+                out[v, i] = feature
+                pending.setdefault(namespace, {})[key] = feature
+            for namespace, entries in list(pending.items()):
+                if len(entries) >= cache.shard_size:
+                    cache.store(namespace, entries, _shard_info(backbone, view_list, precision))
+                    pending.pop(namespace)
+            if bar is not None:
+                bar.update(len(chunk))
+        for namespace, entries in pending.items():
+            cache.store(namespace, entries, _shard_info(backbone, view_list, precision))
+        if bar is not None:
+            bar.close()
+
+    if normalize:
+        out = F.normalize(out, dim=-1)
+    return out[0] if single else out
+
+
+def _shard_info(backbone: Backbone, views: Sequence[ViewSpec], precision: str) -> dict:
+    return {
+        "backbone": backbone.identity.to_dict(),
+        "transforms": sorted({v.transform_fingerprint() for v in views}),
+        "precision": precision,
+        "schema": CACHE_SCHEMA,
+    }
+
+
+def _progress_bar(progress: bool | Callable, total: int, desc: str):
+    if not progress:
+        return None
+    if callable(progress):
+        return progress(total=total, desc=desc)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", leave=False)

@@ -1,0 +1,187 @@
+"""The contract every method follows.
+
+A method is an ``nn.Module`` holding only its own tensors; the frozen backbone is referenced, not
+owned, so ``method.state_dict()`` is exactly what a run saves:
+
+* trainable parameters (``requires_grad=True``), and
+* learned state that is not trained by gradients (a probe's coefficients, Tip-Adapter's cache),
+  registered as *persistent* buffers.
+
+Everything derived from the backbone and the class names (token ids, fixed word embeddings,
+zero-shot text features) is a *non-persistent* buffer, rebuilt on construction, so a saved run
+reloads onto the backbone and can be re-targeted to other class names (base-to-novel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..backbone import Backbone
+
+
+@dataclass
+class Batch:
+    """One mini-batch. Feature-space methods read ``features``; pixel-space methods ``pixels``.
+
+    ``features`` are L2-normalised frozen image features [B, D].  A feature-space method given
+    ``pixels`` encodes them itself (eval mode, no grad), which is how the cached and the pixel
+    paths are checked against each other.
+    """
+
+    labels: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                        for f in fields(self)})
+
+    def __len__(self) -> int:
+        for value in (self.features, self.pixels, self.labels):
+            if value is not None:
+                return value.shape[0]
+        return 0
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's ``Config``: fields every method has."""
+
+    text_dropout: bool = field(
+        default=False,
+        metadata={"help": "run the frozen text transformer in train mode (dropout active) while training; "
+                          "the published BiomedCoOp/Biomed-DPT/BiomedAP code did, CoOp-family baselines did not"},
+    )
+
+
+class Method(nn.Module):
+    """Base class: one subclass per method, one file each, registered in ``methods/__init__.py``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # "features": trains and predicts on cached image features; "pixels": needs the image tower.
+    input_kind: ClassVar[Literal["features", "pixels"]] = "features"
+    # False for methods with nothing to optimise by gradient (zero-shot, closed-form probes).
+    trainable: ClassVar[bool] = True
+    # False for methods whose learned state is tied to the training classes (probes, caches).
+    supports_unseen_classes: ClassVar[bool] = True
+
+    def __init__(self, backbone: Backbone, classnames: Sequence[str], config: MethodConfig | None = None):
+        super().__init__()
+        if not classnames:
+            raise ValueError(f"{self.name}: the class list is empty")
+        if len(set(classnames)) != len(classnames):
+            raise ValueError(f"{self.name}: duplicate class names in {list(classnames)}")
+        config = config if config is not None else self.Config()
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{self.name}: config must be {self.Config.__name__}, got {type(config).__name__}")
+        self.backbone = backbone  # plain attribute: Backbone is not an nn.Module, so it is not saved
+        self.classnames = list(classnames)
+        self.config = config
+
+    # ------------------------------------------------------------------ inference
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.backbone.logit_scale
+
+    def image_features(self, batch: Batch) -> torch.Tensor:
+        """Normalised frozen image features of the batch, from the cache or from pixels."""
+        if batch.features is not None:
+            return batch.features.to(self.backbone.device)
+        if batch.pixels is None:
+            raise ValueError(f"{self.name}: the batch has neither features nor pixels")
+        with torch.no_grad():
+            return self.backbone.encode_image(batch.pixels, normalize=True)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Class logits [B, C]."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ training
+    def prepare(self, train_features: torch.Tensor, train_labels: torch.Tensor) -> None:
+        """Data-dependent set-up before training (caches, prototypes, closed-form inits); default none.
+
+        ``train_features`` are the normalised eval-view features of the few-shot training set.
+        """
+
+    def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Losses for one batch; ``"loss"`` is optimised, other entries are logged."""
+        logits = self(batch)
+        loss = F.cross_entropy(logits, batch.labels.to(logits.device))
+        return {"loss": loss}
+
+    def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer, grad_clip: float | None = None) -> dict[str, float]:
+        """One optimisation step; methods that shape gradients (ProGrad) override this."""
+        losses = self.training_step(batch)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.trainable_parameters(), grad_clip)
+        optimizer.step()
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Re-target the method to other class names (base-to-novel, cross-dataset evaluation)."""
+        raise ValueError(
+            f"{self.name} learns state tied to its training classes and cannot predict other classes"
+        )
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        # The backbone stays frozen; only its text dropout follows the method's preset.
+        self.backbone.set_text_dropout(mode and self.config.text_dropout)
+        return self
+
+    # ------------------------------------------------------------------ state
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        """What a run saves: trainable parameters and persistent buffers (see module docstring)."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+
+    def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.state_dict())
+        given = set(state)
+        if expected != given:
+            missing, unexpected = sorted(expected - given), sorted(given - expected)
+            raise ValueError(f"{self.name}: saved state does not match this method "
+                             f"(missing: {missing or 'none'}; unexpected: {unexpected or 'none'})")
+        self.load_state_dict({k: v.to(self.backbone.device) for k, v in state.items()}, strict=True)
+
+    def describe(self) -> dict:
+        """A short description for run cards: counts of trainable and saved values."""
+        return {
+            "method": self.name,
+            "num_classes": len(self.classnames),
+            "trainable_parameters": sum(p.numel() for p in self.trainable_parameters()),
+            "saved_values": sum(v.numel() for v in self.state_dict().values()),
+        }
+
+
+def class_text_features(backbone: Backbone, texts_per_class: Sequence[Sequence[str]]) -> torch.Tensor:
+    """Normalised mean of normalised text features per class (prompt ensembling), [C, D].
+
+    Computed in eval mode without gradients: these are fixed targets/classifiers.
+    """
+    flat = [text for texts in texts_per_class for text in texts]
+    counts = [len(texts) for texts in texts_per_class]
+    if any(c == 0 for c in counts):
+        raise ValueError("every class needs at least one text")
+    training = backbone.model.text.training
+    backbone.set_text_dropout(False)
+    try:
+        with torch.no_grad():
+            features = backbone.encode_text(flat, normalize=True)
+    finally:
+        backbone.set_text_dropout(training)
+    means = torch.stack([chunk.mean(0) for chunk in torch.split(features, counts)])
+    return F.normalize(means, dim=-1)
