@@ -63,7 +63,7 @@ def steps_per_epoch(num_samples: int, optim: OptimConfig) -> tuple[int, int]:
     batch = optim.batch_size
     drop = optim.drop_last == "always" or (optim.drop_last == "auto" and num_samples >= batch)
     steps = num_samples // batch if drop else math.ceil(num_samples / batch)
-    return max(steps, 1) if not drop else steps, batch
+    return steps, batch
 
 
 def make_optimizer(optim: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -149,14 +149,15 @@ def fit(
             row = {"epoch": epoch, "lr": lr, **{k: v / n_steps for k, v in totals.items()},
                    "seconds": time.perf_counter() - epoch_start}
             result.history.append(row)
+            last = epoch + 1 == optim.epochs
+            if checkpoint_path and ((epoch + 1) % checkpoint_every == 0 or last):
+                _save_checkpoint(checkpoint_path, method, optimizer, epoch + 1)
+            # After the checkpoint: whatever the callback records (a log line) is already resumable.
             if on_epoch_end is not None:
                 on_epoch_end(row)
             if bar is not None:
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 bar.update(1)
-            last = epoch + 1 == optim.epochs
-            if checkpoint_path and ((epoch + 1) % checkpoint_every == 0 or last):
-                _save_checkpoint(checkpoint_path, method, optimizer, epoch + 1)
     finally:
         method.eval()
         if bar is not None:
