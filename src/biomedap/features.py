@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 CACHE_SCHEMA = 1
 DEFAULT_SHARD_SIZE = 256
+_RACY_NS = 2_000_000_000  # files changed this recently are re-hashed on every call
 
 
 def default_cache_dir() -> Path:
@@ -88,22 +90,29 @@ class FeatureCache:
     def __init__(self, root: str | os.PathLike | None = None, *, shard_size: int = DEFAULT_SHARD_SIZE):
         self.root = Path(root) if root is not None else default_cache_dir()
         self.shard_size = shard_size
-        self._image_hashes: dict[str, tuple[int, int, str]] = {}
+        self._image_hashes: dict[str, tuple[tuple[int, int, int, int], str]] = {}
 
     # ----------------------------------------------------------------- keys
     def image_sha256(self, path: str | os.PathLike) -> str:
-        """SHA-256 of the file's bytes, memoised per (path, size, mtime) within this instance."""
+        """SHA-256 of the file's bytes, memoised per (path, size, mtime, ctime, inode) within this instance.
+
+        ctime and inode catch rewrites that keep size and mtime (``cp -p``, ``rsync -a``, ``os.utime``);
+        a file changed in the last seconds is not memoised, since it could change again within the
+        same timestamp tick (git's "racy" rule).
+        """
         path = os.fspath(path)
         try:
             stat = os.stat(path)
         except OSError as err:
             raise FileNotFoundError(f"image not found: {path}") from err
+        signature = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
         memo = self._image_hashes.get(path)
-        if memo and memo[0] == stat.st_size and memo[1] == stat.st_mtime_ns:
-            return memo[2]
+        if memo and memo[0] == signature:
+            return memo[1]
         with open(path, "rb") as handle:
             digest = bytes_sha256(handle.read())
-        self._image_hashes[path] = (stat.st_size, stat.st_mtime_ns, digest)
+        if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > _RACY_NS:
+            self._image_hashes[path] = (signature, digest)
         return digest
 
     def namespace(self, backbone: Backbone, view: ViewSpec, precision: str = "fp32") -> Path:
@@ -220,6 +229,8 @@ def encode_samples(
     if cache is None:  # encode everything, store nothing (e.g. new images given to `predict`)
         cache = _NoCache()
     hashes = [cache.image_sha256(p) for p in paths]
+    # bf16 autocast only exists on CUDA; elsewhere the features are fp32 and share fp32's entries.
+    precision = "bf16" if precision == "bf16" and backbone.device.type == "cuda" else "fp32"
     dim = backbone.embed_dim
     out = torch.empty(len(view_list), len(paths), dim, dtype=torch.float32)
 
@@ -228,13 +239,18 @@ def encode_samples(
     for v, view in enumerate(view_list):
         namespace = cache.namespace(backbone, view, precision)
         wanted.setdefault(namespace, []).extend((v, i, h + view.entry_suffix()) for i, h in enumerate(hashes))
-    todo: list[tuple[int, int, str, Path]] = []  # (view idx, image idx, key, namespace)
+    todo: list[tuple[int, int, str, Path]] = []  # (view idx, image idx, key, namespace), one per distinct key
+    duplicates: list[tuple[int, int, int, int]] = []  # (view, image) that repeats an encoded (view, image)
     for namespace, entries in wanted.items():
         found = cache.lookup(namespace, [key for _, _, key in entries])
+        scheduled: dict[str, tuple[int, int]] = {}
         for v, i, key in entries:
             if key in found:
                 out[v, i] = found[key]
+            elif key in scheduled:  # the same image listed twice: encode it once
+                duplicates.append((v, i, *scheduled[key]))
             else:
+                scheduled[key] = (v, i)
                 todo.append((v, i, key, namespace))
 
     if todo:
@@ -262,6 +278,8 @@ def encode_samples(
             cache.store(namespace, entries, _shard_info(backbone, view_list, precision))
         if bar is not None:
             bar.close()
+    for v, i, source_v, source_i in duplicates:
+        out[v, i] = out[source_v, source_i]
 
     if normalize:
         out = F.normalize(out, dim=-1)

@@ -122,7 +122,7 @@ def run_experiment(
     from .data import load_dataset, sample_few_shot, subsample_classes
     from .data.transforms import DASSL_AUGMENT, LP_AUGMENT, NO_AUGMENT
     from .features import FeatureCache, ViewSpec, encode_samples, train_views
-    from .methods import build_method, get_method
+    from .methods import Method, build_method, get_method
     from .metrics import evaluate_logits
     from .train import FeatureTrainData, fit, predict_logits
 
@@ -174,9 +174,12 @@ def run_experiment(
     # ---- features (cached: shared by every method, seed and shot count that needs them)
     t = time.perf_counter()
     labels = torch.tensor([s.label for s in fewshot.train])
-    train_eval = encode_samples(backbone, fewshot.train, ViewSpec(), cache=cache, precision=precision,
-                                progress=progress, desc="train features")
     augment = {"dassl": DASSL_AUGMENT, "lp": LP_AUGMENT, "none": NO_AUGMENT}[data_cfg.augment]
+    # Eval-view training features only when something uses them (prepare() or un-augmented training).
+    train_eval = None
+    if type(method).prepare is not Method.prepare or (method_cls.trainable and augment.kind == "none"):
+        train_eval = encode_samples(backbone, fewshot.train, ViewSpec(), cache=cache, precision=precision,
+                                    progress=progress, desc="train features")
     train_data = None
     if method_cls.trainable:
         if augment.kind == "none":
@@ -198,7 +201,8 @@ def run_experiment(
 
     # ---- train
     t = time.perf_counter()
-    method.prepare(train_eval.to(device), labels.to(device))
+    if train_eval is not None:
+        method.prepare(train_eval.to(device), labels.to(device))
     fit_result = None
     if method_cls.trainable:
         fit_result = fit(

@@ -125,10 +125,15 @@ def fit(
 
         bar = tqdm(total=optim.epochs, initial=start_epoch, desc=f"training {method.name}", unit="epoch", leave=False)
     started = time.perf_counter()
+    # Draws inside a step (text dropout) use the global RNG: seeded per (seed, epoch) below so that a
+    # run is reproducible and a resumed run matches an uninterrupted one; the caller's state is restored.
     method.train()
+    rng = contextlib.ExitStack()
+    rng.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
     try:
         for epoch in range(start_epoch, optim.epochs):
             epoch_start = time.perf_counter()
+            torch.manual_seed(2 * (seed * 1_000_003 + epoch) + 1)
             generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             order = torch.randperm(data.num_samples, generator=generator)
             totals: dict[str, float] = {}
@@ -159,6 +164,7 @@ def fit(
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 bar.update(1)
     finally:
+        rng.close()
         method.eval()
         if bar is not None:
             bar.close()
@@ -167,8 +173,9 @@ def fit(
 
 
 def _save_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, next_epoch: int) -> None:
-    from .io import atomic_write_bytes
     import io
+
+    from .io import atomic_write_bytes
 
     buffer = io.BytesIO()
     torch.save({"state": method.learned_state(), "optimizer": optimizer.state_dict(), "next_epoch": next_epoch},
