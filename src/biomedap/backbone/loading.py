@@ -72,8 +72,9 @@ def _hub_help(repo_id: str, text_repo: str | None) -> str:
     lines += [
         "Put them either",
         f"  (a) in the Hugging Face cache ({cache}): on a machine with internet run",
-        f"      huggingface-cli download {repo_id}"
-        + (f"\n      huggingface-cli download {text_repo} config.json vocab.txt" if text_repo else ""),
+        f"      hf download {repo_id}"
+        + (f"\n      hf download {text_repo} config.json vocab.txt" if text_repo else ""),
+        "      (huggingface_hub < 0.34 names this command `huggingface-cli download`)",
         "      and copy the cache folder to this machine (same HF_HOME layout); or",
         "  (b) all in one folder, then load it with  --backbone local-dir:/path/to/folder",
         "      (biomedap.load_backbone('local-dir:/path/to/folder')).",
