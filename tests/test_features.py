@@ -506,3 +506,21 @@ def test_cached_features_match_the_pixel_path(tiny_backbone, feature_cache, path
     with torch.no_grad():
         direct = torch.cat([tiny_backbone.encode_image(transform(load_image(p)).unsqueeze(0)) for p in paths])
     torch.testing.assert_close(cached, F.normalize(direct, dim=-1), atol=1e-6, rtol=0)
+
+
+def test_clear_refuses_a_folder_that_is_not_a_cache(tmp_path):
+    folder = tmp_path / "not-a-cache"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "thesis.tex").write_text("precious")
+    with pytest.raises(ValueError, match="does not look like a biomedap feature cache"):
+        FeatureCache(folder).clear()
+    assert (folder / "sub" / "thesis.tex").read_text() == "precious"
+
+
+def test_worker_processes_give_the_same_features(tiny_backbone, tmp_path, paths):
+    from biomedap.data.transforms import DASSL_AUGMENT
+
+    views = [ViewSpec(), ViewSpec(DASSL_AUGMENT, 1, 0)]
+    in_process = encode_samples(tiny_backbone, paths[:4], views, cache=None, batch_size=2)
+    workers = encode_samples(tiny_backbone, paths[:4], views, cache=None, batch_size=2, num_workers=2)
+    assert torch.equal(in_process, workers)

@@ -166,3 +166,23 @@ def test_golden_artifact_of_format_version_1_still_loads(tiny_backbone, tmp_path
     with torch.no_grad():
         logits = method(Batch(features=stored["features"]))
     torch.testing.assert_close(logits, stored["logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_data_fails_before_any_file_is_written(tmp_path, tiny_backbone, feature_cache):
+    from biomedap.data import DataError
+
+    out = tmp_path / "runs"
+    with pytest.raises(DataError, match="missing-data"):
+        run_experiment(_config(tmp_path / "missing-data", out), backbone=tiny_backbone, cache=feature_cache,
+                       progress=False)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_run_id_follows_the_data_not_the_path_used(synthetic_root, tmp_path, tiny_backbone, feature_cache,
+                                                   monkeypatch):
+    out = tmp_path / "runs"
+    absolute = run_experiment(_config(synthetic_root / "SYNTH", out), backbone=tiny_backbone, cache=feature_cache,
+                              progress=False)
+    monkeypatch.chdir(synthetic_root)
+    relative = run_experiment(_config("SYNTH", out), backbone=tiny_backbone, cache=feature_cache, progress=False)
+    assert relative.skipped and relative.run_id == absolute.run_id

@@ -828,7 +828,8 @@ class RunConfig:
     seed: int = field(default=1, metadata={"help": "run seed (initialisation, batch order, augmentation)"})
     backbone: str = field(
         default="biomedclip",
-        metadata={"help": "biomedclip, local-dir:PATH, or an open_clip model name (e.g. ViT-B-16)"})
+        metadata={"help": "biomedclip | hf-hub:ORG/REPO | local-dir:PATH | tiny[:SEED] | random-biomedclip[:SEED] "
+                          "(see docs/backbones.md)"})
     device: str = field(
         default="auto", metadata={"help": "auto (cuda if available, else cpu) | cpu | cuda[:N]"})
     precision: Literal["auto", "fp32", "bf16"] = field(

@@ -164,9 +164,23 @@ class FeatureCache:
                           {"keys": list(tensors), "count": len(tensors), "biomedap": __version__, **info})
 
     def clear(self) -> None:
+        """Delete every cached feature under ``root``.
+
+        Refuses a folder that holds anything but cache shards, so a mistyped path cannot wipe
+        unrelated files.
+        """
         import shutil
 
-        shutil.rmtree(self.root, ignore_errors=True)
+        if not self.root.exists():
+            return
+        foreign = [p for p in self.root.rglob("*")
+                   if p.is_file() and not (p.name.startswith("shard-") or p.name.startswith("."))]
+        if foreign:
+            raise ValueError(
+                f"{self.root} does not look like a biomedap feature cache (it holds e.g. {foreign[0]}); "
+                "nothing was deleted"
+            )
+        shutil.rmtree(self.root)
 
     def stats(self) -> dict:
         """Number of entries and bytes per backbone fingerprint."""
@@ -184,6 +198,26 @@ class FeatureCache:
         return out
 
 
+class _ViewDataset(torch.utils.data.Dataset):
+    """(path, view, image hash) -> pixels; a Dataset so that images decode in worker processes."""
+
+    def __init__(self, items: list[tuple[str, ViewSpec, str]], preprocess):
+        self.items = items
+        self.preprocess = preprocess
+        self.eval_transform = build_eval_transform(preprocess)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path, view, image_sha = self.items[index]
+        image = load_image(path)
+        if view.is_eval:
+            return self.eval_transform(image)
+        # The crop depends only on the image content and the view, not on its position in a dataset.
+        return augmented_view(image, view.augment, self.preprocess, view_seed(view.seed, view.index, image_sha))
+
+
 class _NoCache(FeatureCache):
     """A cache that never finds nor keeps anything."""
 
@@ -197,14 +231,6 @@ class _NoCache(FeatureCache):
         return None
 
 
-def _load_view(path: str, view: ViewSpec, image_sha: str, backbone: Backbone, eval_transform) -> torch.Tensor:
-    image = load_image(path)
-    if view.is_eval:
-        return eval_transform(image)
-    # The crop depends only on the image content and the view, not on its position in a dataset.
-    return augmented_view(image, view.augment, backbone.preprocess, view_seed(view.seed, view.index, image_sha))
-
-
 def encode_samples(
     backbone: Backbone,
     paths: Sequence[str] | Sequence[Sample],
@@ -213,6 +239,7 @@ def encode_samples(
     cache: FeatureCache | None = None,
     batch_size: int = 32,
     precision: str = "fp32",
+    num_workers: int = 0,
     normalize: bool = True,
     progress: bool | Callable = False,
     desc: str = "encoding images",
@@ -221,7 +248,8 @@ def encode_samples(
 
     Cached entries are read; missing ones are encoded in batches and written shard by shard
     (every ``cache.shard_size`` images), so an interrupted extraction keeps what it finished.
-    ``cache=None`` encodes everything and stores nothing.
+    ``cache=None`` encodes everything and stores nothing.  ``num_workers`` > 0 decodes and
+    transforms images in that many worker processes.
     """
     single = isinstance(views, ViewSpec)
     view_list = [views] if single else list(views)
@@ -254,15 +282,16 @@ def encode_samples(
                 todo.append((v, i, key, namespace))
 
     if todo:
-        eval_transform = build_eval_transform(backbone.preprocess)
         bar = _progress_bar(progress, len(todo), desc)
         pending: dict[Path, dict[str, torch.Tensor]] = {}
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                     if precision == "bf16" and backbone.device.type == "cuda" else contextlib.nullcontext())
-        for start in range(0, len(todo), batch_size):
+        loader = torch.utils.data.DataLoader(
+            _ViewDataset([(paths[i], view_list[v], hashes[i]) for v, i, _, _ in todo], backbone.preprocess),
+            batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        )
+        for start, pixels in zip(range(0, len(todo), batch_size), loader):
             chunk = todo[start:start + batch_size]
-            pixels = torch.stack([_load_view(paths[i], view_list[v], hashes[i], backbone, eval_transform)
-                                  for v, i, _, _ in chunk])
             with torch.no_grad(), autocast:
                 features = backbone.encode_image(pixels).float().cpu()
             for (v, i, key, namespace), feature in zip(chunk, features):

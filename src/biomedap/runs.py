@@ -72,19 +72,24 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def run_id(config: RunConfig, method_config: dict) -> str:
-    """Readable prefix + hash of everything that can change the numbers (not paths or device)."""
+def run_id(config: RunConfig, method_config: dict, dataset_name: str, dataset_sha256: str) -> str:
+    """Readable prefix + hash of everything that can change the numbers.
+
+    The dataset enters as its name and the hash of its split source, not as the path it was given:
+    the same data reached through another path or working directory is the same run.
+    """
     data = config.data
     spec = {
         "method": config.method,
         "method_config": method_config,
         "optim": config_to_dict(config.optim),
-        "data": {k: v for k, v in config_to_dict(data).items() if k not in ("root", "num_workers")},
+        "data": {k: v for k, v in config_to_dict(data).items() if k not in ("dataset", "root", "num_workers")},
+        "dataset": [dataset_name, dataset_sha256],
         "seed": config.seed,
         "backbone": config.backbone,
         "precision": config.precision,
     }
-    dataset = Path(str(data.dataset)).name.lower().replace(" ", "-") or "data"
+    dataset = dataset_name.lower().replace(" ", "-") or "data"
     sub = "" if data.subsample == "all" else f"-{data.subsample}"
     return f"{config.method}-{dataset}{sub}-k{data.shots}-s{config.seed}-{json_fingerprint(spec)[:8]}"
 
@@ -133,32 +138,24 @@ def run_experiment(
         raise NotImplementedError(f"{method_cls.name} trains in pixel space, which run_experiment does not drive yet")
     method_config = config_from_dict(method_cls.Config, config.method_config, where="method_config")
     method_config_dict = config_to_dict(method_config)
-    rid = run_id(config, method_config_dict)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    data_cfg = config.data
+    split_seed = data_cfg.split_seed if data_cfg.split_seed is not None else config.seed
+
+    # ---- data (first: the run id depends on what the data is, and bad data fails before any file is written)
+    t = time.perf_counter()
+    splits = load_dataset(data_cfg.dataset, root=data_cfg.root)
+    rid = run_id(config, method_config_dict, splits.name, splits.source_sha256)
     run_dir = Path(config.output_dir) / rid
     if (run_dir / "result.json").is_file() and not force:
         import json
 
         result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
         return RunResult(run_dir, rid, result["metrics"], result.get("timings", {}), skipped=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if force:
-        (run_dir / "result.json").unlink(missing_ok=True)
-        (run_dir / "resume.pt").unlink(missing_ok=True)
-
-    device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    data_cfg = config.data
-    split_seed = data_cfg.split_seed if data_cfg.split_seed is not None else config.seed
-
-    # ---- data
-    t = time.perf_counter()
-    splits = load_dataset(data_cfg.dataset, root=data_cfg.root)
     fewshot = sample_few_shot(splits, data_cfg.shots, split_seed)
     if data_cfg.subsample != "all":
         fewshot = subsample_classes(fewshot, data_cfg.subsample)
-    fewshot.to_json(run_dir / "fewshot.json", relative_to=splits.image_root)
-    for note in fewshot.notes:
-        _append_log(run_dir, f"note: {note}")
     timings["data_s"] = time.perf_counter() - t
 
     # ---- backbone and method
@@ -171,6 +168,17 @@ def run_experiment(
     method = build_method(config.method, backbone, fewshot.classnames, method_config, seed=config.seed)
     timings["build_s"] = time.perf_counter() - t
 
+    # Only now that data, backbone and method exist does the run get a directory.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if force:
+        (run_dir / "result.json").unlink(missing_ok=True)
+        (run_dir / "resume.pt").unlink(missing_ok=True)
+        (run_dir / "log.txt").unlink(missing_ok=True)
+    if not (run_dir / "log.txt").exists():  # a resumed run already logged its notes
+        for note in fewshot.notes:
+            _append_log(run_dir, f"note: {note}")
+    fewshot.to_json(run_dir / "fewshot.json", relative_to=splits.image_root)
+
     # ---- features (cached: shared by every method, seed and shot count that needs them)
     t = time.perf_counter()
     labels = torch.tensor([s.label for s in fewshot.train])
@@ -179,7 +187,7 @@ def run_experiment(
     train_eval = None
     if type(method).prepare is not Method.prepare or (method_cls.trainable and augment.kind == "none"):
         train_eval = encode_samples(backbone, fewshot.train, ViewSpec(), cache=cache, precision=precision,
-                                    progress=progress, desc="train features")
+                                    num_workers=data_cfg.num_workers, progress=progress, desc="train features")
     train_data = None
     if method_cls.trainable:
         if augment.kind == "none":
@@ -187,14 +195,16 @@ def run_experiment(
         else:
             count = data_cfg.views if data_cfg.views is not None else config.optim.epochs
             views = encode_samples(backbone, fewshot.train, train_views(augment, config.seed, count), cache=cache,
-                                   precision=precision, progress=progress, desc=f"train views ({count})")
+                                   precision=precision, num_workers=data_cfg.num_workers, progress=progress,
+                                   desc=f"train views ({count})")
         train_data = FeatureTrainData(views, labels)
     eval_features = {}
     for split in data_cfg.eval_splits:
         samples = fewshot.split(split)
         eval_features[split] = (
-            encode_samples(backbone, samples, ViewSpec(), cache=cache, precision=precision, progress=progress,
-                           desc=f"{split} features"),
+            encode_samples(backbone, samples, ViewSpec(), cache=cache, precision=precision,
+                           batch_size=config.eval_batch_size, num_workers=data_cfg.num_workers,
+                           progress=progress, desc=f"{split} features"),
             torch.tensor([s.label for s in samples]),
         )
     timings["features_s"] = time.perf_counter() - t
