@@ -655,3 +655,27 @@ def test_text_dropout_toggle_and_context_manager(tiny_backbone):
         assert not model.text.training
     finally:
         tiny_backbone.set_text_dropout(False)
+
+
+def test_tiny_model_registered_with_open_clip_builds_the_same_model(tiny_backbone, tmp_path):
+    """open_clip alone (add_model_config + create_model + get_tokenizer) builds the tiny model too."""
+    import open_clip
+
+    from biomedap.backbone.tiny import register_tiny_open_clip_config
+
+    name = register_tiny_open_clip_config(tmp_path / "tiny-config")
+    assert name in open_clip.list_models()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        stock = open_clip.create_model(name, pretrained_hf=False).eval()
+    ours = tiny_backbone.model.state_dict()
+    for key, value in stock.state_dict().items():
+        assert torch.equal(value, ours[key]), key
+    tokenizer = open_clip.get_tokenizer(name)
+    texts = ["a photo of a meningioma tumor.", "normal brain"]
+    ids = tokenizer(texts)
+    tok = tiny_backbone.tokenize(texts)
+    assert torch.equal(ids[:, : tok.input_ids.shape[1]], tok.input_ids)
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(stock.encode_image(pixels), tiny_backbone.encode_image(pixels))

@@ -43,24 +43,23 @@ def _device(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number ≥ 1, got {value}")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: a whole number ≥ ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number ≥ {minimum}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {value}")
-    return value
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _int_list(text: str) -> list[int]:
@@ -802,34 +801,13 @@ def cmd_cache_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _looks_like_cache(root: Path) -> tuple[bool, str]:
-    """Whether ``root`` holds only cache files: ``<fingerprint>/<transform>/shard-*.{json,safetensors}``."""
-    for path in root.rglob("*"):
-        relative = path.relative_to(root)
-        depth = len(relative.parts)
-        if path.is_dir():
-            if depth > 2:
-                return False, str(path)
-            continue
-        name = relative.name
-        if depth != 3 or not (name.startswith("shard-") or name.startswith(".")):
-            return False, str(path)
-    return True, ""
-
-
 def cmd_cache_clear(args: argparse.Namespace) -> int:
     cache = _cache(args)
     root = cache.root
     if not root.exists():
         print(f"nothing to clear: {root} does not exist")
         return EXIT_OK
-    if not root.is_dir():
-        raise ValueError(f"{root} is not a directory; nothing was deleted")
-    ok, offending = _looks_like_cache(root)
-    if not ok:
-        raise ValueError(f"{root} does not look like a biomedap feature cache (it holds {offending}); "
-                         "nothing was deleted. Check --cache-dir, or delete the folder by hand if you are "
-                         "sure.")
+    cache.check_is_cache()
     stats = cache.stats()
     entries = sum(s["entries"] for s in stats.values())
     size = sum(s["bytes"] for s in stats.values())

@@ -163,24 +163,31 @@ class FeatureCache:
         atomic_write_json(stem.with_suffix(".json"),
                           {"keys": list(tensors), "count": len(tensors), "biomedap": __version__, **info})
 
-    def clear(self) -> None:
-        """Delete every cached feature under ``root``.
+    def check_is_cache(self) -> None:
+        """Raise ``ValueError`` unless ``root`` holds only cache files.
 
-        Refuses a folder that holds anything but cache shards, so a mistyped path cannot wipe
-        unrelated files.
+        The layout is ``<fingerprint>/<transform>/shard-*`` (and hidden temporary files); anything
+        else means the path is not a feature cache, so nothing must be deleted there.
         """
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(f"{self.root} is not a directory; nothing was deleted")
+        for path in self.root.rglob("*") if self.root.exists() else ():
+            parts = path.relative_to(self.root).parts
+            stray = (len(parts) > 2) if path.is_dir() else (
+                len(parts) != 3 or not parts[-1].startswith(("shard-", ".")))
+            if stray:
+                raise ValueError(
+                    f"{self.root} does not look like a biomedap feature cache (it holds {path}); nothing was "
+                    "deleted. Check the cache directory, or delete the folder by hand if you are sure."
+                )
+
+    def clear(self) -> None:
+        """Delete every cached feature under ``root`` (after :meth:`check_is_cache`)."""
         import shutil
 
-        if not self.root.exists():
-            return
-        foreign = [p for p in self.root.rglob("*")
-                   if p.is_file() and not (p.name.startswith("shard-") or p.name.startswith("."))]
-        if foreign:
-            raise ValueError(
-                f"{self.root} does not look like a biomedap feature cache (it holds e.g. {foreign[0]}); "
-                "nothing was deleted"
-            )
-        shutil.rmtree(self.root)
+        self.check_is_cache()
+        if self.root.exists():
+            shutil.rmtree(self.root)
 
     def stats(self) -> dict:
         """Number of entries and bytes per backbone fingerprint."""

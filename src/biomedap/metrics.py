@@ -20,9 +20,11 @@ Conventions (read these before putting numbers in a table):
   ``float("nan")``, which ``json.dumps`` writes as the bare token ``NaN``. Python's ``json`` module
   reads it back, but strict JSON parsers (``jq``, JavaScript) do not.
 
-The implementations are NumPy re-derivations of the scikit-learn definitions (tests check them
-against scikit-learn); that keeps ``import biomedap`` free of the slow scikit-learn import and
-lets the functions run on any array without extra copies.
+Balanced accuracy, macro-F1, AUROC and the confusion matrix come from scikit-learn (imported on
+first use, so ``import biomedap`` stays light). Accuracy, per-class recall, ECE (which
+scikit-learn lacks) and NLL are computed here; NLL from a float64 log-softmax of the logits rather
+than ``sklearn.metrics.log_loss``, which clips probabilities and so caps the loss of a confident
+mistake.
 """
 
 from __future__ import annotations
@@ -110,26 +112,15 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def _confusion(y: np.ndarray, pred: np.ndarray, c: int) -> np.ndarray:
-    return np.bincount(y * c + pred, minlength=c * c).reshape(c, c)
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
+    return sk_confusion_matrix(y, pred, labels=np.arange(c))
 
 
 def _recalls(cm: np.ndarray) -> np.ndarray:
     support = cm.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
-
-
-def _binary_auroc(positive: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC via the Mann-Whitney U statistic, ties counted as 1/2 (same value as sklearn's trapezoids)."""
-    n_pos = int(positive.sum())
-    n_neg = positive.size - n_pos
-    # Average ranks: tied scores share the mean of the ranks they span.
-    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    mean_rank = ends - (counts - 1) / 2.0  # 1-based mean rank of each distinct score
-    ranks = mean_rank[inverse]
-    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
 
 
 # --------------------------------------------------------------------------- metrics
@@ -151,38 +142,37 @@ def per_class_recall(logits: ArrayLike, labels: ArrayLike) -> list[float]:
 def balanced_accuracy(logits: ArrayLike, labels: ArrayLike) -> float:
     """Mean per-class recall over the classes present in ``labels``.
 
-    Same value as ``sklearn.metrics.balanced_accuracy_score(labels, argmax(logits))``: predicted
-    classes that never occur in ``labels`` lower the recall of the true classes but add no term.
+    ``sklearn.metrics.balanced_accuracy_score(labels, argmax(logits))``: predicted classes that
+    never occur in ``labels`` lower the recall of the true classes but add no term.
     """
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
     z, y = _check(logits, labels)
-    recalls = _recalls(_confusion(y, z.argmax(axis=1), z.shape[1]))
-    return float(np.nanmean(recalls))  # at least one class is present since N > 0
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": the documented case above
+        warnings.simplefilter("ignore", UserWarning)
+        return float(balanced_accuracy_score(y, z.argmax(axis=1)))
 
 
 def macro_f1(logits: ArrayLike, labels: ArrayLike) -> float:
     """Unweighted mean F1 over the classes present in ``labels`` or in the predictions.
 
-    This is ``sklearn.metrics.f1_score(labels, argmax(logits), average="macro")`` with its default
+    ``sklearn.metrics.f1_score(labels, argmax(logits), average="macro")`` with its default
     ``labels=None``: the classes averaged over are ``unique(y_true) ∪ unique(y_pred)``. A class that
     is predicted but never true, or true but never predicted, contributes an F1 of 0. Classes that
     appear in neither are skipped, so the value can differ from an average over all ``C`` classes.
     """
+    from sklearn.metrics import f1_score
+
     z, y = _check(logits, labels)
-    c = z.shape[1]
-    cm = _confusion(y, z.argmax(axis=1), c)
-    tp = np.diag(cm).astype(np.float64)
-    support_true = cm.sum(axis=1)
-    support_pred = cm.sum(axis=0)
-    seen = (support_true + support_pred) > 0
-    # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (n_true + n_pred); the denominator is > 0 for seen classes.
-    f1 = 2.0 * tp[seen] / (support_true[seen] + support_pred[seen])
-    return float(f1.mean())
+    return float(f1_score(y, z.argmax(axis=1), average="macro", zero_division=0))
 
 
 def macro_auroc_ovr(logits: ArrayLike, labels: ArrayLike) -> float:
     """Macro one-vs-rest ROC AUC of the softmax probabilities, as a fraction in ``[0, 1]``.
 
-    * All ``C`` classes present: equals ``sklearn.metrics.roc_auc_score(labels, softmax(logits),
+    * All ``C`` classes present: ``sklearn.metrics.roc_auc_score(labels, softmax(logits),
       multi_class="ovr", average="macro")``; for ``C = 2`` the score is the positive-class
       probability, as in ``roc_auc_score(labels, p[:, 1])``.
     * Some classes absent from ``labels``: they have no positives, so their one-vs-rest AUC is
@@ -191,6 +181,8 @@ def macro_auroc_ovr(logits: ArrayLike, labels: ArrayLike) -> float:
       ``roc_auc_score(labels == k, p[:, k])`` over present ``k``.
     * Fewer than two classes present: ``NaN`` and a logged warning (no ranking to score).
     """
+    from sklearn.metrics import roc_auc_score
+
     z, y = _check(logits, labels)
     c = z.shape[1]
     present = np.flatnonzero(np.bincount(y, minlength=c))
@@ -199,8 +191,8 @@ def macro_auroc_ovr(logits: ArrayLike, labels: ArrayLike) -> float:
         return float("nan")
     p = _softmax(z)
     if c == 2:
-        return _binary_auroc(y == 1, p[:, 1])
-    return float(np.mean([_binary_auroc(y == k, p[:, k]) for k in present]))
+        return float(roc_auc_score(y, p[:, 1]))
+    return float(np.mean([roc_auc_score(y == k, p[:, k]) for k in present]))
 
 
 def expected_calibration_error(logits: ArrayLike, labels: ArrayLike, n_bins: int = ECE_BINS) -> float:
@@ -237,7 +229,7 @@ def negative_log_likelihood(logits: ArrayLike, labels: ArrayLike) -> float:
 
 
 def confusion_matrix(logits: ArrayLike, labels: ArrayLike) -> list[list[int]]:
-    """``C x C`` counts; row = true class, column = predicted class; all ``C`` classes, present or not."""
+    """``C x C`` counts (scikit-learn's); row = true class, column = predicted; all ``C`` classes, present or not."""
     z, y = _check(logits, labels)
     cm = _confusion(y, z.argmax(axis=1), z.shape[1])
     return [[int(v) for v in row] for row in cm]

@@ -10,7 +10,7 @@ from .loading import (
     load_backbone,
     save_local_dir,
 )
-from .tiny import build_tiny_backbone
+from .tiny import build_random_biomedclip, build_tiny_backbone
 from .towers import BlockHook, TokenizedText, UnsupportedBackboneError
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "MissingWeightsError",
     "TokenizedText",
     "UnsupportedBackboneError",
+    "build_random_biomedclip",
     "build_tiny_backbone",
     "load_backbone",
     "save_local_dir",

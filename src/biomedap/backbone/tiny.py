@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 TINY_VIT_NAME = "biomedap_tiny_vit"
+TINY_OPEN_CLIP_NAME = "biomedap-tiny"
 TINY_TEXT_NAME = "biomedap-tiny-bert"
 TINY_IMAGE_SIZE = 64
 TINY_EMBED_DIM = 32
@@ -120,6 +121,27 @@ def write_tiny_folder(folder: Path) -> Path:
         encoding="utf-8",
     )
     return folder
+
+
+def register_tiny_open_clip_config(folder: Path) -> str:
+    """Register the tiny model in open_clip's own config registry; returns its open_clip name.
+
+    Afterwards ``open_clip.create_model(name, pretrained_hf=False)`` and ``open_clip.get_tokenizer(name)``
+    build the same model and tokenizer as :func:`build_tiny_backbone`, through open_clip alone —
+    the tests use this to check the adapters against the stock model.  The text config and
+    vocabulary are written to ``folder``, which must outlive the registration (open_clip reads
+    them at model creation).
+    """
+    import open_clip
+
+    folder = write_tiny_folder(Path(folder))
+    register_tiny_vit()
+    config = tiny_model_config()
+    config["text_cfg"].update(hf_model_name=str(folder), hf_tokenizer_name=str(folder))
+    config_path = folder / f"{TINY_OPEN_CLIP_NAME}.json"
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    open_clip.add_model_config(config_path)
+    return TINY_OPEN_CLIP_NAME
 
 
 def build_tiny_backbone(seed: int = 0, device: str | torch.device = "cpu"):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import EmptyDatasetError, InvalidOptionError, SplitFormatError
-from .sources import SPLITS, DatasetSplits, Sample
+from .sources import SPLITS, DatasetSplits, Sample, get_split
 
 __all__ = [
     "FEWSHOT_FORMAT_VERSION",
@@ -82,12 +82,7 @@ class FewShotSplit:
 
     def split(self, name: str) -> list[Sample]:
         """The samples of split ``name`` (``"train"``, ``"val"`` or ``"test"``)."""
-        if name not in SPLITS:
-            raise InvalidOptionError(
-                f"Unknown split {name!r} for the few-shot split of {self.dataset!r}; "
-                f"use one of {list(SPLITS)}."
-            )
-        return getattr(self, name)
+        return get_split(self, name, f"the few-shot split of {self.dataset!r}")
 
     def to_json(self, path: str | os.PathLike, relative_to: str | os.PathLike | None = None) -> Path:
         """Save atomically as JSON with image paths relative to ``relative_to`` (default ``image_root``).

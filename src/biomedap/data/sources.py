@@ -50,6 +50,7 @@ __all__ = [
     "SPLITS",
     "DatasetSplits",
     "Sample",
+    "get_split",
     "load_csv",
     "load_dataset",
     "load_image_folder",
@@ -68,6 +69,14 @@ DEFAULT_TEST_FRACTION = 0.3
 
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 _MAX_LISTED = 5
+
+
+def get_split(holder: Any, name: str, what: str) -> list[Sample]:
+    """``holder.<name>`` for a split name, with an error that names ``what`` and the valid splits."""
+    if name not in SPLITS:
+        raise InvalidOptionError(f"Unknown split {name!r} for {what}; use one of {list(SPLITS)}.")
+    return getattr(holder, name)
+
 
 
 @dataclass(frozen=True)
@@ -109,11 +118,7 @@ class DatasetSplits:
 
     def split(self, name: str) -> list[Sample]:
         """The samples of split ``name`` (``"train"``, ``"val"`` or ``"test"``)."""
-        if name not in SPLITS:
-            raise InvalidOptionError(
-                f"Unknown split {name!r} for dataset {self.name!r}; use one of {list(SPLITS)}."
-            )
-        return getattr(self, name)
+        return get_split(self, name, f"dataset {self.name!r}")
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Image counts ``{split: {classname: n}}``, classes in label order (zeros included)."""
