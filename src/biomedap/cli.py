@@ -534,25 +534,16 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:
     """The flags as ``--set`` items, placed before the user's own ``--set`` items (which win)."""
+    flags = (
+        ("dataset", "data.dataset", True), ("root", "data.root", True), ("shots", "data.shots", False),
+        ("seed", "seed", False), ("split_seed", "data.split_seed", False), ("backbone", "backbone", True),
+        ("output_dir", "output_dir", True), ("device", "device", True), ("cache_dir", "cache_dir", True),
+    )
     items = []
-    if args.dataset is not None:
-        items.append(f"data.dataset={_yaml_quote(args.dataset)}")
-    if args.root is not None:
-        items.append(f"data.root={_yaml_quote(args.root)}")
-    if args.shots is not None:
-        items.append(f"data.shots={args.shots}")
-    if args.seed is not None:
-        items.append(f"seed={args.seed}")
-    if args.split_seed is not None:
-        items.append(f"data.split_seed={args.split_seed}")
-    if args.backbone is not None:
-        items.append(f"backbone={_yaml_quote(args.backbone)}")
-    if args.output_dir is not None:
-        items.append(f"output_dir={_yaml_quote(args.output_dir)}")
-    if args.device is not None:
-        items.append(f"device={_yaml_quote(args.device)}")
-    if args.cache_dir is not None:
-        items.append(f"cache_dir={_yaml_quote(args.cache_dir)}")
+    for attr, key, is_text in flags:
+        value = getattr(args, attr)
+        if value is not None:
+            items.append(f"{key}={_yaml_quote(value) if is_text else value}")
     return items + list(args.overrides)
 
 

@@ -27,7 +27,7 @@ import torch
 
 from . import __version__
 from .config import RunConfig, config_from_dict, config_to_dict
-from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text, json_fingerprint, locked_append_line
+from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text, json_fingerprint
 
 if TYPE_CHECKING:
     from .backbone import Backbone
@@ -315,14 +315,6 @@ def rebuild_index(output_dir: Path) -> Path:
     target = Path(output_dir) / RESULTS_INDEX
     atomic_write_text(target, "".join(line + "\n" for line in lines))
     return target
-
-
-def append_index(output_dir: Path, result: dict) -> None:
-    """Append one run's rows under a lock (for concurrent workers; rebuild_index is the repair)."""
-    import json
-
-    for row in index_rows(result):
-        locked_append_line(Path(output_dir) / RESULTS_INDEX, json.dumps(row))
 
 
 def load_run(run_dir: str | Path, *, backbone: Backbone | None = None, device: str = "auto") -> tuple[Method, dict]:

@@ -176,12 +176,7 @@ def class_text_features(backbone: Backbone, texts_per_class: Sequence[Sequence[s
     counts = [len(texts) for texts in texts_per_class]
     if any(c == 0 for c in counts):
         raise ValueError("every class needs at least one text")
-    training = backbone.model.text.training
-    backbone.set_text_dropout(False)
-    try:
-        with torch.no_grad():
-            features = backbone.encode_text(flat, normalize=True)
-    finally:
-        backbone.set_text_dropout(training)
+    with torch.no_grad(), backbone.text_dropout(False):
+        features = backbone.encode_text(flat, normalize=True)
     means = torch.stack([chunk.mean(0) for chunk in torch.split(features, counts)])
     return F.normalize(means, dim=-1)
