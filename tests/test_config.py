@@ -432,3 +432,21 @@ def test_packaged_presets_resolve_and_fit_their_method_configs():
 def test_import_is_light():
     code = "import sys, biomedap.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_released_clip_adapter_schedule_period_and_iteration_warmup():
+    """Dassl's wrapper stepped per iteration with T_max = 20: iteration 0 at 1e-5, then a cosine of period 20."""
+    optim = OptimConfig(lr=0.01, epochs=20, schedule_step="iteration", warmup_epochs=0, warmup_iterations=1,
+                        cosine_period=20, warmup_lr=1e-5)
+    lrs = [lr_at(optim, e, s, 2) for e in range(20) for s in range(2)]
+    assert lrs[0] == 1e-5
+    for k in range(1, 40):
+        assert lrs[k] == pytest.approx(0.005 * (1 + math.cos(math.pi * (k - 1) / 20)))
+    assert lrs[21] == pytest.approx(0.0) and lrs[39] > 0.009  # decays to 0 at k = 21, then rises again
+
+
+def test_schedule_extension_fields_are_validated():
+    with pytest.raises(ConfigError, match="cosine_period"):
+        OptimConfig(cosine_period=0)
+    with pytest.raises(ConfigError, match="warmup_iterations"):
+        OptimConfig(warmup_iterations=-1)

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from biomedap.methods import Batch, build_method, list_methods
+from biomedap.methods import Batch, TrainingData, build_method, list_methods
 
 CLASSNAMES = ["glioma tumor", "meningioma tumor", "pituitary tumor", "normal brain"]
 METHOD_NAMES = [cls.name for cls in list_methods()]
@@ -26,10 +26,22 @@ def _batch(backbone, n=8, seed=0):
     return Batch(labels=labels, features=_features(backbone, n, seed))
 
 
-def _prepared(name, backbone, seed=0):
-    method = build_method(name, backbone, CLASSNAMES, seed=seed)
+def _training_data(backbone):
+    from biomedap.config import OptimConfig
+
     train = _batch(backbone, n=16, seed=123)
-    method.prepare(train.features, train.labels)
+    val = _batch(backbone, n=8, seed=321)
+    views = torch.stack([train.features, _features(backbone, 16, seed=124)])
+    return TrainingData(train.features, train.labels, views=views, val_features=val.features,
+                        val_labels=val.labels, optim=OptimConfig(epochs=2, batch_size=8), seed=0)
+
+
+def _prepared(name, backbone, seed=0):
+    """A method set up as a run would: prepare(), then finalize() (no gradient training here)."""
+    method = build_method(name, backbone, CLASSNAMES, seed=seed)
+    data = _training_data(backbone)
+    method.prepare(data)
+    method.finalize(data)
     return method
 
 

@@ -685,6 +685,14 @@ class OptimConfig:
         default=1,
         metadata={"help": "epochs of constant warm-up at warmup_lr before the schedule (0 = none)"})
     warmup_lr: float = field(default=1e-5, metadata={"help": "constant learning rate during the warm-up"})
+    warmup_iterations: int | None = field(
+        default=None,
+        metadata={"help": "schedule_step=iteration only: warm-up length in iterations; null = warmup_epochs × "
+                          "iterations per epoch"})
+    cosine_period: int | None = field(
+        default=None,
+        metadata={"help": "period T of the cosine in schedule steps (epochs or iterations); null = the whole run. "
+                          "The released CLIP-Adapter used T = 20 iterations whatever the run length"})
     drop_last: Literal["auto", "always", "never"] = field(
         default="auto",
         metadata={"help": "drop the last partial batch: auto (only when at least one full batch exists, "
@@ -716,6 +724,10 @@ class OptimConfig:
             raise ConfigError(f"warmup_lr: must be ≥ 0, got {self.warmup_lr}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"grad_clip: must be > 0 or null, got {self.grad_clip}")
+        if self.warmup_iterations is not None and self.warmup_iterations < 0:
+            raise ConfigError(f"warmup_iterations: must be ≥ 0 or null, got {self.warmup_iterations}")
+        if self.cosine_period is not None and self.cosine_period < 1:
+            raise ConfigError(f"cosine_period: must be ≥ 1 or null, got {self.cosine_period}")
 
 
 def lr_at(optim: OptimConfig, epoch: int, step_in_epoch: int = 0, steps_per_epoch: int = 1) -> float:
@@ -736,6 +748,9 @@ def lr_at(optim: OptimConfig, epoch: int, step_in_epoch: int = 0, steps_per_epoc
     warm-up of ``warmup_epochs · steps_per_epoch`` iterations (with ``warmup_epochs=0`` this is
     PyTorch's ``CosineAnnealingLR`` over all iterations, as Tip-Adapter-F).
 
+    ``warmup_iterations`` (iteration mode) replaces the warm-up length, and ``cosine_period`` the
+    period T; past T the cosine keeps going (it rises again), as PyTorch's ``CosineAnnealingLR`` does.
+
     ``schedule="constant"``: ``lr`` after the warm-up.
     """
     if epoch < 0:
@@ -746,10 +761,13 @@ def lr_at(optim: OptimConfig, epoch: int, step_in_epoch: int = 0, steps_per_epoc
         raise ValueError(f"step_in_epoch must be in [0, {steps_per_epoch}), got {step_in_epoch}")
     if optim.schedule_step == "iteration":
         t = epoch * steps_per_epoch + step_in_epoch
-        warmup = optim.warmup_epochs * steps_per_epoch
+        warmup = (optim.warmup_epochs * steps_per_epoch if optim.warmup_iterations is None
+                  else optim.warmup_iterations)
         total = optim.epochs * steps_per_epoch
     else:
         t, warmup, total = epoch, optim.warmup_epochs, optim.epochs
+    if optim.cosine_period is not None:
+        total = optim.cosine_period
     if t < warmup:
         return optim.warmup_lr
     if optim.schedule == "constant":

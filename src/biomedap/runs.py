@@ -127,7 +127,7 @@ def run_experiment(
     from .data import load_dataset, sample_few_shot, subsample_classes
     from .data.transforms import DASSL_AUGMENT, LP_AUGMENT, NO_AUGMENT
     from .features import FeatureCache, ViewSpec, encode_samples, train_views
-    from .methods import Method, build_method, get_method
+    from .methods import Method, TrainingData, build_method, get_method
     from .metrics import evaluate_logits
     from .train import FeatureTrainData, fit, predict_logits
 
@@ -183,23 +183,22 @@ def run_experiment(
     t = time.perf_counter()
     labels = torch.tensor([s.label for s in fewshot.train])
     augment = {"dassl": DASSL_AUGMENT, "lp": LP_AUGMENT, "none": NO_AUGMENT}[data_cfg.augment]
-    # Eval-view training features only when something uses them (prepare() or un-augmented training).
-    train_eval = None
-    if type(method).prepare is not Method.prepare or (method_cls.trainable and augment.kind == "none"):
-        train_eval = encode_samples(backbone, fewshot.train, ViewSpec(), cache=cache, precision=precision,
-                                    num_workers=data_cfg.num_workers, progress=progress, desc="train features")
-    train_data = None
-    if method_cls.trainable:
+    sets_up = type(method).prepare is not Method.prepare or type(method).finalize is not Method.finalize
+    views = None
+    if method_cls.trainable or sets_up:
         if augment.kind == "none":
-            views = train_eval.unsqueeze(0)
+            views = encode_samples(backbone, fewshot.train, ViewSpec(), cache=cache, precision=precision,
+                                   num_workers=data_cfg.num_workers, progress=progress,
+                                   desc="train features").unsqueeze(0)
         else:
-            count = data_cfg.views if data_cfg.views is not None else config.optim.epochs
+            # A fresh view per epoch (faithful), a fixed pool of views, or the single augmented view
+            # the closed-form methods of the published harness used.
+            count = data_cfg.views or (config.optim.epochs if method_cls.trainable else 1)
             views = encode_samples(backbone, fewshot.train, train_views(augment, config.seed, count), cache=cache,
                                    precision=precision, num_workers=data_cfg.num_workers, progress=progress,
                                    desc=f"train views ({count})")
-        train_data = FeatureTrainData(views, labels)
     eval_features = {}
-    for split in data_cfg.eval_splits:
+    for split in dict.fromkeys([*data_cfg.eval_splits, *(["val"] if method_cls.uses_validation else [])]):
         samples = fewshot.split(split)
         eval_features[split] = (
             encode_samples(backbone, samples, ViewSpec(), cache=cache, precision=precision,
@@ -209,26 +208,37 @@ def run_experiment(
         )
     timings["features_s"] = time.perf_counter() - t
 
-    # ---- train
+    # ---- train: set-up, gradient training, finishing work
     t = time.perf_counter()
-    if train_eval is not None:
-        method.prepare(train_eval.to(device), labels.to(device))
+    training = None
+    if views is not None:
+        val_features, val_labels = eval_features.get("val", (None, None))
+        training = TrainingData(
+            train_features=views[0].to(device), train_labels=labels.to(device), views=views,
+            val_features=None if val_features is None else val_features.to(device),
+            val_labels=None if val_labels is None else val_labels.to(device),
+            optim=config.optim, seed=config.seed,
+        )
+        method.prepare(training)
     fit_result = None
     if method_cls.trainable:
         fit_result = fit(
-            method, train_data, config.optim, seed=config.seed, precision=precision,
+            method, FeatureTrainData(views, labels), config.optim, seed=config.seed, precision=precision,
             checkpoint_path=run_dir / "resume.pt", progress=progress,
             on_epoch_end=lambda row: _append_log(
                 run_dir, "epoch {epoch:>4d}  lr {lr:.6g}  ".format(**row)
                 + "  ".join(f"{k} {v:.5f}" for k, v in row.items() if k not in ("epoch", "lr", "seconds"))
                 + f"  ({row['seconds']:.2f}s)"),
         )
+    if training is not None:
+        method.finalize(training)
     timings["train_s"] = time.perf_counter() - t
 
     # ---- evaluate
     t = time.perf_counter()
     metrics = {}
-    for split, (features, split_labels) in eval_features.items():
+    for split in data_cfg.eval_splits:
+        features, split_labels = eval_features[split]
         logits = predict_logits(method, features, precision=precision)
         metrics[split] = evaluate_logits(logits, split_labels, fewshot.classnames)
         atomic_save_safetensors(run_dir / f"{split}_logits.safetensors",

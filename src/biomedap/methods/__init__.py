@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .base import Batch, Method, MethodConfig, class_text_features
+from .base import Batch, Method, MethodConfig, TrainingData, class_text_features
 from .coop import CoOp, CoOpConfig
 from .zeroshot import ZeroShot, ZeroShotConfig
 
@@ -59,6 +59,7 @@ __all__ = [
     "CoOpConfig",
     "Method",
     "MethodConfig",
+    "TrainingData",
     "ZeroShot",
     "ZeroShotConfig",
     "build_method",

@@ -51,6 +51,32 @@ class Batch:
 
 
 @dataclass
+class TrainingData:
+    """Everything a method may use to set itself up, beyond the mini-batches ``fit`` feeds it.
+
+    All features are L2-normalised frozen image features.  ``train_features`` holds one view per
+    training image: the first augmented view when the preset augments (the published LP / LP++ /
+    Tip-Adapter harness took one random augmented view), else the eval view.  ``views`` are the
+    per-epoch views ``fit`` trains on; ``val_*`` the few-shot validation split (min(K, 4) per
+    class), present when the method declares ``uses_validation``.
+    """
+
+    train_features: torch.Tensor  # [N, D]
+    train_labels: torch.Tensor  # [N]
+    views: torch.Tensor | None = None  # [V, N, D]
+    val_features: torch.Tensor | None = None  # [M, D]
+    val_labels: torch.Tensor | None = None  # [M]
+    optim: object | None = None  # the run's OptimConfig (methods that run their own loops read it)
+    seed: int = 0
+
+    def require_validation(self, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.val_features is None or self.val_labels is None or len(self.val_labels) == 0:
+            raise ValueError(f"{method} selects its hyperparameters on the validation split, which is empty or "
+                             "missing; the few-shot split keeps min(K, 4) validation images per class")
+        return self.val_features, self.val_labels
+
+
+@dataclass
 class MethodConfig:
     """Base of every method's ``Config``: fields every method has."""
 
@@ -73,6 +99,8 @@ class Method(nn.Module):
     trainable: ClassVar[bool] = True
     # False for methods whose learned state is tied to the training classes (probes, caches).
     supports_unseen_classes: ClassVar[bool] = True
+    # True for methods that select hyperparameters or iterations on the few-shot validation split.
+    uses_validation: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, classnames: Sequence[str], config: MethodConfig | None = None):
         super().__init__()
@@ -106,11 +134,14 @@ class Method(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ training
-    def prepare(self, train_features: torch.Tensor, train_labels: torch.Tensor) -> None:
-        """Data-dependent set-up before training (caches, prototypes, closed-form inits); default none.
+    def prepare(self, data: TrainingData) -> None:
+        """Data-dependent set-up before gradient training (caches, prototypes, closed-form fits); default none.
 
-        ``train_features`` are the normalised eval-view features of the few-shot training set.
+        Methods that are not trained by ``fit`` (``trainable = False``) do all their learning here.
         """
+
+    def finalize(self, data: TrainingData) -> None:
+        """Work after gradient training (e.g. a hyperparameter search on the validation split); default none."""
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Losses for one batch; ``"loss"`` is optimised, other entries are logged."""
@@ -149,13 +180,29 @@ class Method(nn.Module):
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
 
     def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
-        expected = set(self.state_dict())
-        given = set(state)
+        """Load what :meth:`learned_state` saved.
+
+        Tensors whose size depends on the training data (a cache with one row per training image)
+        take the saved shape; every key must match exactly.
+        """
+        current = self.state_dict()
+        expected, given = set(current), set(state)
         if expected != given:
             missing, unexpected = sorted(expected - given), sorted(given - expected)
             raise ValueError(f"{self.name}: saved state does not match this method "
                              f"(missing: {missing or 'none'}; unexpected: {unexpected or 'none'})")
-        self.load_state_dict({k: v.to(self.backbone.device) for k, v in state.items()}, strict=True)
+        device = self.backbone.device
+        for key, value in state.items():
+            if current[key].shape != value.shape:
+                module_name, _, attr = key.rpartition(".")
+                module = self.get_submodule(module_name)
+                if attr in module._parameters:
+                    old = module._parameters[attr]
+                    module._parameters[attr] = nn.Parameter(torch.empty_like(value, device=device),
+                                                            requires_grad=old.requires_grad)
+                else:
+                    module._buffers[attr] = torch.empty_like(value, device=device)
+        self.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
 
     def describe(self) -> dict:
         """A short description for run cards: counts of trainable and saved values."""
