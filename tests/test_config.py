@@ -450,3 +450,25 @@ def test_schedule_extension_fields_are_validated():
         OptimConfig(cosine_period=0)
     with pytest.raises(ConfigError, match="warmup_iterations"):
         OptimConfig(warmup_iterations=-1)
+
+
+def test_preset_variant_table_is_applied_under_the_dataset_table(tmp_path):
+    root = tmp_path / "presets"
+    root.mkdir()
+    (root / "adapter.yaml").write_text(textwrap.dedent("""\
+        method_config: {ratio: 0.2, renormalize: true}
+        optim: {lr: 0.002, momentum: 0.9, epochs: 20}
+        variants:
+          released: {method_config: {ratio: 0.5, renormalize: false}, optim: {lr: 0.01, momentum: 0.0}}
+        datasets:
+          btmri: {optim: {epochs: 7}}
+        """))
+    paper = resolve_run_config("adapter", presets_dir=root)
+    assert paper.method_config == {"ratio": 0.2, "renormalize": True} and paper.optim.momentum == 0.9
+    released = resolve_run_config("adapter", overrides=["method.variant=released", "data.dataset=btmri"],
+                                  presets_dir=root)
+    assert released.method_config == {"ratio": 0.5, "renormalize": False, "variant": "released"}
+    assert released.optim.lr == 0.01 and released.optim.momentum == 0.0 and released.optim.epochs == 7
+    explicit = resolve_run_config("adapter", overrides=["method.variant=released", "optim.lr=0.5"],
+                                  presets_dir=root)
+    assert explicit.optim.lr == 0.5  # --set still wins over the variant table

@@ -947,20 +947,33 @@ def _dataset_entries(table: Mapping[str, Any], dataset: str) -> list[str]:
 
 
 def load_preset(
-    method: str, dataset: str | None = None, presets_dir: Path | str | None = None
+    method: str, dataset: str | None = None, presets_dir: Path | str | None = None, variant: str | None = None
 ) -> dict[str, Any]:
-    """A method's preset as a config dict, with its per-dataset overrides applied.
+    """A method's preset as a config dict, with its variant and per-dataset overrides applied.
 
-    Reads ``presets/<method>.yaml`` (package data, or ``presets_dir``). The ``datasets`` table, if
-    any, is removed; the entry matching ``dataset`` (case-insensitively, by catalog name or key, or
-    a folder's name) is deep-merged on top of the rest.
+    Reads ``presets/<method>.yaml`` (package data, or ``presets_dir``). The ``variants`` table, if
+    any, is removed and the entry named ``variant`` deep-merged on top (a variant such as
+    ``released`` changes the optimiser or protocol along with the method's options); then the
+    ``datasets`` table is removed and the entry matching ``dataset`` (case-insensitively, by
+    catalog name or key, or a folder's name) is deep-merged on top of the rest.
 
     Raises:
         ConfigError: no preset for ``method`` (the message lists the available ones), invalid YAML,
-            or a malformed ``datasets`` table.
+            a malformed ``datasets`` or ``variants`` table.
     """
     entry, _ = _find_preset(method, presets_dir)
     data = _apply_aliases(_parse_yaml_text(entry.read_text(encoding="utf-8"), f"preset {entry}"))
+    variants = data.pop("variants", None) or {}
+    if not isinstance(variants, Mapping):
+        raise ConfigError(f"preset {entry}: 'variants' must map variant names to overrides, "
+                          f"got {_short_repr(variants)}")
+    if variant is not None and variant in variants:
+        overrides = variants[variant] or {}
+        if not isinstance(overrides, Mapping):
+            raise ConfigError(f"preset {entry}: variants.{variant} must be a mapping of options, "
+                              f"got {_short_repr(overrides)}")
+        data = merge_dicts(data, _apply_aliases(overrides))
+        data = merge_dicts(data, {"method_config": {"variant": variant}})
     table = data.pop("datasets", None) or {}
     if not isinstance(table, Mapping):
         raise ConfigError(f"preset {entry}: 'datasets' must map dataset keys to overrides, "
@@ -972,6 +985,13 @@ def load_preset(
                               f"got {_short_repr(overrides)}")
         data = merge_dicts(data, _apply_aliases(overrides))
     return data
+
+
+def _variant_of(source: Mapping[str, Any]) -> str | None:
+    method_config = source.get("method_config")
+    if isinstance(method_config, Mapping) and method_config.get("variant") not in (None, ""):
+        return str(method_config["variant"])
+    return None
 
 
 def _dataset_of(source: Mapping[str, Any]) -> str | None:
@@ -992,11 +1012,13 @@ def resolve_run_config(
 ) -> RunConfig:
     """Resolve a run's configuration from all its sources, later ones winning::
 
-        RunConfig defaults < preset (+ its datasets entry) < base < config_file < dataset < overrides
+        RunConfig defaults < preset (+ its variant, + its datasets entry) < base < config_file
+        < dataset < overrides
 
-    The dataset that selects the preset's per-dataset entry is known only after reading the later
-    sources (it may come from ``--config`` or ``--set data.dataset=...``), so it is looked up in
-    them first; then the preset is applied underneath them.
+    The dataset that selects the preset's per-dataset entry, and the ``method_config.variant``
+    that selects its variant entry, are known only after reading the later sources (they may come
+    from ``--config`` or ``--set``), so they are looked up there first; then the preset is applied
+    underneath them.
 
     Args:
         method: method name; picks ``presets/<method>.yaml``. ``None`` = the ``method`` set by the
@@ -1032,10 +1054,11 @@ def resolve_run_config(
                               f"drop one of them")
     _, method = _find_preset(method, presets_dir)  # canonical spelling: the preset's file name
 
-    chosen_dataset = None
+    chosen_dataset = chosen_variant = None
     for _, source in sources:
         chosen_dataset = _dataset_of(source) or chosen_dataset
-    preset = load_preset(method, chosen_dataset, presets_dir)
+        chosen_variant = _variant_of(source) or chosen_variant
+    preset = load_preset(method, chosen_dataset, presets_dir, variant=chosen_variant)
     _check_keys(RunConfig, preset, "", f"preset {method}")
 
     merged: dict[str, Any] = preset

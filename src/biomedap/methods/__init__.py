@@ -9,13 +9,19 @@ from typing import TYPE_CHECKING
 import torch
 
 from .base import Batch, Method, MethodConfig, TrainingData, class_text_features
+# One import per method file.
 from .coop import CoOp, CoOpConfig
 from .zeroshot import ZeroShot, ZeroShotConfig
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
 
-METHODS: Mapping[str, type[Method]] = {cls.name: cls for cls in (ZeroShot, CoOp)}
+# The order is the order of `biomedap list methods`.
+_METHOD_CLASSES: tuple[type[Method], ...] = (
+    ZeroShot,
+    CoOp,
+)
+METHODS: Mapping[str, type[Method]] = {cls.name: cls for cls in _METHOD_CLASSES}
 
 
 def get_method(name: str) -> type[Method]:
