@@ -117,3 +117,23 @@ def test_coop_learns_a_separable_generated_set(tiny_backbone, synthetic_splits, 
     fit(method, FeatureTrainData(train_x, train_y), optim, seed=1)
     after = (predict_logits(method, test_x).argmax(1) == test_y).float().mean().item()
     assert after - before >= 0.30, f"CoOp went from {before:.2f} to {after:.2f}"
+
+
+def test_zeroshot_with_a_description_bank(tiny_backbone, tmp_path):
+    import json
+
+    bank = {name: [f"a scan showing {name}", f"{name} seen on imaging", f"a third line on {name}"] for name in NAMES}
+    path = tmp_path / "bank.json"
+    path.write_text(json.dumps(bank))
+    method = build_method("zeroshot", tiny_backbone, NAMES, {"descriptions": str(path), "max_descriptions": 2})
+    with torch.no_grad():
+        manual = torch.stack([
+            F.normalize(tiny_backbone.encode_text(bank[name][:2], normalize=True).mean(0), dim=-1) for name in NAMES
+        ])
+    torch.testing.assert_close(method.text_features, manual, atol=1e-6, rtol=1e-6)
+    del bank[NAMES[1]]
+    path.write_text(json.dumps(bank))
+    with pytest.raises(ValueError, match="meningioma tumor"):
+        build_method("zeroshot", tiny_backbone, NAMES, {"descriptions": str(path)})
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        build_method("zeroshot", tiny_backbone, NAMES, {"descriptions": str(tmp_path / "nope.json")})

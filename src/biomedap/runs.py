@@ -221,7 +221,7 @@ def run_experiment(
         )
         method.prepare(training)
     fit_result = None
-    if method_cls.trainable:
+    if method.needs_fit():
         fit_result = fit(
             method, FeatureTrainData(views, labels), config.optim, seed=config.seed, precision=precision,
             checkpoint_path=run_dir / "resume.pt", progress=progress,

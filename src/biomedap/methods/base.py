@@ -140,6 +140,13 @@ class Method(nn.Module):
         Methods that are not trained by ``fit`` (``trainable = False``) do all their learning here.
         """
 
+    def needs_fit(self) -> bool:
+        """Whether the runner should call ``fit`` after :meth:`prepare` (default: ``trainable``).
+
+        A variant that does all its training in ``prepare`` (Tip-Adapter-F as released) says no.
+        """
+        return self.trainable
+
     def finalize(self, data: TrainingData) -> None:
         """Work after gradient training (e.g. a hyperparameter search on the validation split); default none."""
 
