@@ -217,7 +217,7 @@ def run_experiment(
             train_features=views[0].to(device), train_labels=labels.to(device), views=views,
             val_features=None if val_features is None else val_features.to(device),
             val_labels=None if val_labels is None else val_labels.to(device),
-            optim=config.optim, seed=config.seed,
+            optim=config.optim, seed=config.seed, precision=precision,
         )
         method.prepare(training)
     fit_result = None

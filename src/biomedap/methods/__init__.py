@@ -10,7 +10,15 @@ import torch
 
 from .base import Batch, Method, MethodConfig, TrainingData, class_text_features
 # One import per method file.
+from .clip_adapter import ClipAdapter, ClipAdapterConfig
+from .cocoop import CoCoOp, CoCoOpConfig
 from .coop import CoOp, CoOpConfig
+from .kgcoop import KgCoOp, KgCoOpConfig
+from .linear_probe import LinearProbe, LinearProbeConfig
+from .lp_plus_plus import LPPlusPlus, LPPlusPlusConfig
+from .prograd import ProGrad, ProGradConfig
+from .tip_adapter import TipAdapter, TipAdapterConfig
+from .tip_adapter_f import TipAdapterF, TipAdapterFConfig
 from .zeroshot import ZeroShot, ZeroShotConfig
 
 if TYPE_CHECKING:
@@ -20,15 +28,24 @@ if TYPE_CHECKING:
 _METHOD_CLASSES: tuple[type[Method], ...] = (
     ZeroShot,
     CoOp,
+    CoCoOp,
+    KgCoOp,
+    ProGrad,
+    ClipAdapter,
+    TipAdapter,
+    TipAdapterF,
+    LinearProbe,
+    LPPlusPlus,
 )
 METHODS: Mapping[str, type[Method]] = {cls.name: cls for cls in _METHOD_CLASSES}
 
 
 def get_method(name: str) -> type[Method]:
-    """The method class registered under ``name`` (case-insensitive, '-' and '_' ignored)."""
-    key = name.lower().replace("-", "").replace("_", "")
+    """The method class registered under ``name`` (case-insensitive, '-' and '_' ignored, '+' read as
+    'plus', so ``lp++`` finds ``lp_plus_plus``)."""
+    key = name.lower().replace("-", "").replace("_", "").replace("+", "plus")
     for registered, cls in METHODS.items():
-        if registered.replace("-", "").replace("_", "") == key:
+        if registered.replace("-", "").replace("_", "").replace("+", "plus") == key:
             return cls
     close = difflib.get_close_matches(name.lower(), list(METHODS), n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -61,11 +78,27 @@ def build_method(
 __all__ = [
     "METHODS",
     "Batch",
+    "CoCoOp",
+    "CoCoOpConfig",
+    "ClipAdapter",
+    "ClipAdapterConfig",
     "CoOp",
     "CoOpConfig",
+    "KgCoOp",
+    "KgCoOpConfig",
+    "LPPlusPlus",
+    "LPPlusPlusConfig",
+    "LinearProbe",
+    "LinearProbeConfig",
     "Method",
     "MethodConfig",
+    "ProGrad",
+    "ProGradConfig",
     "TrainingData",
+    "TipAdapter",
+    "TipAdapterConfig",
+    "TipAdapterF",
+    "TipAdapterFConfig",
     "ZeroShot",
     "ZeroShotConfig",
     "build_method",

@@ -68,6 +68,7 @@ class TrainingData:
     val_labels: torch.Tensor | None = None  # [M]
     optim: object | None = None  # the run's OptimConfig (methods that run their own loops read it)
     seed: int = 0
+    precision: str = "fp32"  # the run's resolved precision, for loops run inside prepare()
 
     def require_validation(self, method: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.val_features is None or self.val_labels is None or len(self.val_labels) == 0:

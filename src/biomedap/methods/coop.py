@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._prompting import ClassTokenPosition, build_prompt_layout, context_from_phrase, insert_context, random_context
