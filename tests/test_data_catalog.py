@@ -120,3 +120,108 @@ def test_specs_are_immutable_and_picklable():
     assert clone == spec and isinstance(clone, DatasetSpec)
     assert dict(clone.published_counts) == dict(spec.published_counts)
     assert spec.to_dict()["classnames"] == list(spec.classnames)
+
+
+# ------------------------------------------------------------------------------------ MedMNIST+
+
+# (flag, number of classes) — the 11 single-label 2D datasets of MedMNIST+, in the catalog's order.
+MEDMNIST = [
+    ("pathmnist", 9), ("dermamnist", 7), ("octmnist", 4), ("pneumoniamnist", 2), ("retinamnist", 5),
+    ("breastmnist", 2), ("bloodmnist", 8), ("tissuemnist", 8), ("organamnist", 11), ("organcmnist", 11),
+    ("organsmnist", 11),
+]
+
+
+def test_medmnist_family_has_the_eleven_single_label_datasets():
+    from biomedap.data import MEDMNIST_DATASETS, list_all_datasets
+
+    specs = list_datasets("medmnist")
+    assert specs == MEDMNIST_DATASETS
+    assert [s.key for s in specs] == [f"medmnist/{flag}" for flag, _ in MEDMNIST]
+    assert [s.num_classes for s in specs] == [n for _, n in MEDMNIST]
+    assert all(s.family == "medmnist" and s.image_sizes == (28, 64, 128, 224) for s in specs)
+    assert list_all_datasets() == list_datasets() + specs
+    assert len(list_all_datasets()) == 22
+    assert len({s.key for s in list_all_datasets()}) == 22
+    assert len({s.name.lower() for s in list_all_datasets()}) == 22
+
+
+@pytest.mark.parametrize("flag,n", MEDMNIST, ids=[flag for flag, _ in MEDMNIST])
+def test_medmnist_lookup_by_key_name_and_resource_id(flag, n):
+    spec = get_dataset_spec(f"medmnist/{flag}")
+    assert spec.medmnist_flag == flag and spec.num_classes == n
+    assert spec.resource_id == f"medmnist-{flag}"
+    assert get_dataset_spec(spec.name) is spec
+    assert get_dataset_spec(spec.name.upper()) is spec
+    assert get_dataset_spec(f"medmnist-{flag}") is spec
+    assert get_dataset_spec(f" MEDMNIST/{flag.upper()} ") is spec
+    assert len(set(spec.classnames)) == n
+    assert sum(spec.published_counts.values()) > 0
+
+
+def test_medmnist_class_names():
+    assert get_dataset_spec("medmnist/pathmnist").classnames[-1] == "colorectal adenocarcinoma epithelium"
+    assert get_dataset_spec("medmnist/octmnist").classnames[-1] == "normal"
+    assert get_dataset_spec("medmnist/breastmnist").classnames == ("malignant", "normal, benign")
+    organs = {get_dataset_spec(f"medmnist/organ{view}mnist").classnames for view in "acs"}
+    assert len(organs) == 1 and "kidney-left" in next(iter(organs))
+
+
+@pytest.mark.parametrize("query,key", [
+    ("DermaMNIST", "dermamnist"), ("dermamnist", "dermamnist"), ("OCTMNIST", "octmnist"),
+    ("MedMNIST-DermaMNIST", "medmnist/dermamnist"),
+])
+def test_benchmark_names_keep_their_meaning(query, key):
+    spec = get_dataset_spec(query)
+    assert spec.key == key
+    if key == "dermamnist":
+        assert spec.family == "benchmark" and spec.classnames[0] == "actinic keratosis"
+
+
+@pytest.mark.parametrize("query", ["chestmnist", "medmnist/chestmnist", "ChestMNIST", "medmnist-chestmnist"])
+def test_chestmnist_is_excluded_as_multi_label(query):
+    with pytest.raises(UnknownDatasetError, match="multi-label"):
+        get_dataset_spec(query)
+
+
+def test_bare_medmnist_flag_suggests_the_key():
+    with pytest.raises(UnknownDatasetError) as info:
+        get_dataset_spec("pathmnist")
+    message = str(info.value)
+    assert "'medmnist/pathmnist'" in message
+    assert "MedMNIST+: medmnist/pathmnist" in message  # the MedMNIST+ keys are listed too
+
+
+def test_unknown_family_is_rejected():
+    with pytest.raises(UnknownDatasetError, match="family 'imagenet'"):
+        list_datasets("imagenet")
+
+
+@pytest.mark.parametrize("key", ["medmnist/organcmnist", "btmri"])
+def test_spec_pickles_round_trip(key):
+    spec = get_dataset_spec(key)
+    clone = pickle.loads(pickle.dumps(spec))
+    assert clone == spec and clone is not spec
+    assert clone.medmnist_flag == spec.medmnist_flag and clone.image_sizes == spec.image_sizes
+    assert clone.clinical_template == spec.clinical_template
+    with pytest.raises(TypeError):
+        clone.published_counts["train"] = 0  # type: ignore[index]  # still read-only after loading
+    assert hash(clone) == hash(spec)
+
+
+def test_to_dict_includes_template_texts_and_ids():
+    import json
+
+    spec = get_dataset_spec("medmnist/organamnist")
+    data = spec.to_dict()
+    assert data["clinical_template_id"] == "clinical/medmnist/organamnist"
+    assert data["clinical_template"] == "a cropped axial CT slice of the {}."
+    assert data["ctx_init_id"] == "ctx_init/medmnist/organamnist"
+    assert data["ctx_init"] == "a cropped axial CT slice of the"
+    assert data["zeroshot_template_id"] == "generic" and data["zeroshot_template"] == "a photo of a {}."
+    assert data["family"] == "medmnist" and data["medmnist_flag"] == "organamnist"
+    assert data["image_sizes"] == [28, 64, 128, 224]
+    assert json.loads(json.dumps(data)) == data
+    benchmark = get_dataset_spec("btmri").to_dict()
+    assert benchmark["medmnist_flag"] is None and benchmark["image_sizes"] == []
+    assert benchmark["clinical_template"] == "a MR photo of a {} in the brain."

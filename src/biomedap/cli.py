@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  biomedap demo                                 offline demo on synthetic data (~1 min)\n"
             "  biomedap list methods                         what can be trained\n"
             "  biomedap train --method coop --dataset btmri --root DATA --shots 16\n"
-            "  biomedap predict --run runs/<run id> images/  classify images, write preds.csv\n\n"
+            "  biomedap predict --run runs/<run id> images/  classify images, write preds.csv\n"
+            "  biomedap prompts show --dataset btmri         the built-in class descriptions\n\n"
             "`biomedap COMMAND --help` describes each command. Exit codes: 0 ok, 1 internal error, "
             "2 usage or input error."
         ),
@@ -461,12 +462,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a few-second version for CI: one shot count, few epochs, fewer images")
     p.add_argument("--force", action="store_true", help="rerun finished demo runs instead of reusing them")
     p.set_defaults(handler=cmd_demo)
+
+    # ---------------------------------------------------------------- prompts
+    from .cli_prompts import add_prompts_commands  # here: that module imports this one's helpers
+
+    add_prompts_commands(sub)
     return parser
 
 
-def _missing_action(parser: argparse.ArgumentParser) -> int:
+def _missing_action(parser: argparse.ArgumentParser, actions: str = "build, info or clear") -> int:
     parser.print_usage(sys.stderr)
-    print(f"{parser.prog}: error: choose an action: build, info or clear", file=sys.stderr)
+    print(f"{parser.prog}: error: choose an action: {actions}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -486,13 +492,20 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("unseen classes: whether a trained run can classify class names it was not trained on.")
         print("Options of a method: biomedap train --method NAME --help-config")
     elif args.what == "datasets":
-        from .data import list_datasets
+        from .data import list_all_datasets
 
-        rows = [[spec.name, spec.key, spec.modality, spec.num_classes, ", ".join(spec.classnames)]
-                for spec in list_datasets()]
-        print(_table(["dataset", "key", "modality", "classes", "class names"], rows, right=(3,)))
-        print("\nCatalog datasets are read from --root ROOT as ROOT/<NAME>/<NAME>/<class>/<image> + "
+        def names(spec) -> str:
+            text = "; ".join(spec.classnames)
+            return text if len(text) <= 70 else text[:67] + "..."
+
+        rows = [[spec.name, spec.key, spec.family, spec.modality, spec.num_classes, names(spec)]
+                for spec in list_all_datasets()]
+        print(_table(["dataset", "key", "family", "modality", "classes", "class names"], rows, right=(4,)))
+        print("\nBenchmark datasets are read from --root ROOT as ROOT/<NAME>/<NAME>/<class>/<image> + "
               "ROOT/<NAME>/split_<NAME>.json.")
+        print("MedMNIST+ datasets (key medmnist/<flag>) have class names, templates and description banks here; "
+              "their .npz reader comes with the data commands.")
+        print("Descriptions of each class: biomedap prompts show --dataset KEY")
         print("Your own data: --dataset PATH with an ImageFolder tree, a split-json folder or a CSV of "
               "path,label.")
     elif args.what == "presets":
@@ -844,8 +857,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """Known user errors. Library exception classes are looked up only if their module is loaded
     (an exception of a class whose module was never imported cannot have been raised)."""
-    types: list[type[BaseException]] = [ValueError, KeyError, FileNotFoundError, NotImplementedError,
-                                        FloatingPointError]  # DataError, ConfigError are ValueErrors
+    types: list[type[BaseException]] = [ValueError, KeyError, FileNotFoundError, FileExistsError,
+                                        NotImplementedError, FloatingPointError]  # DataError, ConfigError are ValueErrors
     modules = {
         "biomedap.runs": ("RunError",),
         "biomedap.backbone.loading": ("BackboneLoadError", "MissingWeightsError"),

@@ -1,13 +1,20 @@
 """Datasets, few-shot splits and image transforms.
 
-* :mod:`.catalog` — the 11 benchmark datasets as data (:class:`DatasetSpec`).
+* :mod:`.catalog` — the 11 benchmark datasets and the 11 MedMNIST+ datasets as data (:class:`DatasetSpec`).
 * :mod:`.sources` — split-json, ImageFolder and CSV loaders → :class:`DatasetSplits`.
 * :mod:`.fewshot` — the published K-shot sampling and base/novel class split.
 * :mod:`.transforms` — image decoding, eval preprocessing, (seeded) training augmentation.
 * :mod:`.synthetic` — small generated datasets for tests and the offline demo.
 """
 
-from .catalog import DATASETS, DatasetSpec, get_dataset_spec, list_datasets
+from .catalog import (
+    DATASETS,
+    MEDMNIST_DATASETS,
+    DatasetSpec,
+    get_dataset_spec,
+    list_all_datasets,
+    list_datasets,
+)
 from .errors import (
     ClassnameMismatchError,
     DataError,
@@ -56,6 +63,7 @@ __all__ = [
     "DEFAULT_SYNTHETIC_CLASSNAMES",
     "IMAGE_EXTENSIONS",
     "LP_AUGMENT",
+    "MEDMNIST_DATASETS",
     "NO_AUGMENT",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
@@ -83,6 +91,7 @@ __all__ = [
     "build_train_transform",
     "fewshot_filename",
     "get_dataset_spec",
+    "list_all_datasets",
     "list_datasets",
     "load_csv",
     "load_dataset",
