@@ -472,3 +472,26 @@ def test_preset_variant_table_is_applied_under_the_dataset_table(tmp_path):
     explicit = resolve_run_config("adapter", overrides=["method.variant=released", "optim.lr=0.5"],
                                   presets_dir=root)
     assert explicit.optim.lr == 0.5  # --set still wins over the variant table
+
+
+def test_base_to_novel_protocol_table_applies_when_training_on_base_classes(tmp_path):
+    (tmp_path / "demo.yaml").write_text(
+        "optim: {epochs: 100, lr: 0.01}\n"
+        "method_config: {}\n"
+        "datasets:\n  btmri: {seed: 3}\n  busi: {seed: 4}\n"
+        "protocols:\n  base2novel:\n    optim: {epochs: 50}\n    datasets:\n      btmri: {seed: 9}\n"
+    )
+    few_shot = resolve_run_config("demo", dataset="btmri", presets_dir=tmp_path)
+    assert (few_shot.optim.epochs, few_shot.seed) == (100, 3)
+    b2n = resolve_run_config("demo", dataset="btmri", overrides=["data.subsample=base"], presets_dir=tmp_path)
+    assert (b2n.optim.epochs, b2n.optim.lr, b2n.seed) == (50, 0.01, 9)
+    # the protocol's table replaces the few-shot table: busi's few-shot seed does not leak into b2n
+    busi = resolve_run_config("demo", dataset="busi", overrides=["data.subsample=base"], presets_dir=tmp_path)
+    assert busi.seed == RunConfig().seed
+    # --set still wins over the protocol table
+    forced = resolve_run_config("demo", dataset="btmri", overrides=["data.subsample=base", "optim.epochs=7"],
+                                presets_dir=tmp_path)
+    assert forced.optim.epochs == 7
+    (tmp_path / "bad.yaml").write_text("protocols:\n  fewshot: {}\n")
+    with pytest.raises(ConfigError, match="protocols"):
+        resolve_run_config("bad", presets_dir=tmp_path)

@@ -46,11 +46,25 @@ def separable(tiny_backbone, synthetic_splits, tmp_path_factory):
         samples = synthetic_splits.split(name)
         return encode_samples(tiny_backbone, samples, cache=cache), torch.tensor([s.label for s in samples])
 
-    return {name: split(name) for name in ("train", "val", "test")}
+    return {**{name: split(name) for name in ("train", "val", "test")}, "cache": cache}
 
 
-def _accuracy(method, features, labels) -> float:
-    return (predict_logits(method, features).argmax(1) == labels).float().mean().item()
+def _accuracy(method, inputs, labels) -> float:
+    if method.input_kind == "tokens":
+        method.eval()
+        with torch.no_grad():
+            logits = torch.cat([method(Batch(tokens=inputs[i:i + 64])) for i in range(0, len(inputs), 64)])
+    else:
+        logits = predict_logits(method, inputs)
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def _tokens(method, backbone, samples, cache):
+    """Tokens entering the method's first learned block, as the runner caches them."""
+    from biomedap.features import TokenPrefix
+
+    prefix = TokenPrefix(method.prefix_block, method.prefix_fingerprint(), method.prefix_hook())
+    return encode_samples(backbone, samples, cache=cache, prefix=prefix)
 
 
 @pytest.mark.parametrize("name", LEARNERS)
@@ -61,18 +75,24 @@ def test_method_gains_30_points_over_untrained(name, tiny_backbone, synthetic_sp
     classnames = synthetic_splits.classnames
     method = build_method(name, tiny_backbone, classnames, {**preset.method_config, **TEST_METHOD_CONFIG.get(name, {})},
                           seed=1)
+    train_in, test_in, kind = train_x, test_x, "features"
+    if method.input_kind == "tokens":
+        cache = separable["cache"]
+        train_in = _tokens(method, tiny_backbone, synthetic_splits.train, cache)
+        test_in = _tokens(method, tiny_backbone, synthetic_splits.test, cache)
+        kind = "tokens"
     try:
-        before = _accuracy(method, test_x, test_y)
+        before = _accuracy(method, test_in, test_y)
     except Exception:  # not defined before seeing data: compare with zero-shot instead
         before = _accuracy(build_method("zeroshot", tiny_backbone, classnames), test_x, test_y)
 
     data = TrainingData(train_x, train_y, views=train_x.unsqueeze(0), val_features=val_x, val_labels=val_y,
-                        optim=optim, seed=1)
+                        optim=optim, seed=1, train_eval_features=train_x)
     method.prepare(data)
     if method.needs_fit():
-        fit(method, FeatureTrainData(train_x, train_y), optim, seed=1)
+        fit(method, FeatureTrainData(train_in, train_y, kind=kind), optim, seed=1)
     method.finalize(data)
-    after = _accuracy(method, test_x, test_y)
+    after = _accuracy(method, test_in, test_y)
     assert after - before >= 0.30, f"{name}: {before:.2f} -> {after:.2f}"
     with torch.no_grad():
-        assert torch.isfinite(method(Batch(features=test_x))).all()
+        assert torch.isfinite(method(Batch(**{kind: test_in}))).all()

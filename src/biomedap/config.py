@@ -946,16 +946,27 @@ def _dataset_entries(table: Mapping[str, Any], dataset: str) -> list[str]:
     return [k for k in table if str(k).strip().lower() in names]
 
 
-def load_preset(
-    method: str, dataset: str | None = None, presets_dir: Path | str | None = None, variant: str | None = None
-) -> dict[str, Any]:
-    """A method's preset as a config dict, with its variant and per-dataset overrides applied.
+PROTOCOL_TABLES = ("base2novel",)
 
-    Reads ``presets/<method>.yaml`` (package data, or ``presets_dir``). The ``variants`` table, if
-    any, is removed and the entry named ``variant`` deep-merged on top (a variant such as
-    ``released`` changes the optimiser or protocol along with the method's options); then the
-    ``datasets`` table is removed and the entry matching ``dataset`` (case-insensitively, by
-    catalog name or key, or a folder's name) is deep-merged on top of the rest.
+
+def load_preset(
+    method: str,
+    dataset: str | None = None,
+    presets_dir: Path | str | None = None,
+    variant: str | None = None,
+    protocol: str | None = None,
+) -> dict[str, Any]:
+    """A method's preset as a config dict, with its protocol, variant and per-dataset overrides applied.
+
+    Reads ``presets/<method>.yaml`` (package data, or ``presets_dir``). The ``protocols`` table, if
+    any, is removed and the entry named ``protocol`` (``"base2novel"``: chosen when the run trains
+    on the base classes, ``data.subsample: base``) deep-merged on top; if that entry has a
+    ``datasets`` table of its own, it replaces the preset's (published base-to-novel settings are a
+    table of their own, not edits of the few-shot one). Then the ``variants`` table is removed and
+    the entry named ``variant`` deep-merged on top (a variant such as ``released`` changes the
+    optimiser or protocol along with the method's options); then the ``datasets`` table is removed
+    and the entry matching ``dataset`` (case-insensitively, by catalog name or key, or a folder's
+    name) is deep-merged on top of the rest.
 
     Raises:
         ConfigError: no preset for ``method`` (the message lists the available ones), invalid YAML,
@@ -963,6 +974,15 @@ def load_preset(
     """
     entry, _ = _find_preset(method, presets_dir)
     data = _apply_aliases(_parse_yaml_text(entry.read_text(encoding="utf-8"), f"preset {entry}"))
+    protocols = data.pop("protocols", None) or {}
+    if not isinstance(protocols, Mapping) or set(protocols) - set(PROTOCOL_TABLES):
+        raise ConfigError(f"preset {entry}: 'protocols' must map protocol names {list(PROTOCOL_TABLES)} to "
+                          f"overrides, got {_short_repr(protocols)}")
+    if protocol is not None and protocols.get(protocol):
+        overrides = dict(protocols[protocol])
+        if "datasets" in overrides:
+            data["datasets"] = overrides.pop("datasets")
+        data = merge_dicts(data, _apply_aliases(overrides))
     variants = data.pop("variants", None) or {}
     if not isinstance(variants, Mapping):
         raise ConfigError(f"preset {entry}: 'variants' must map variant names to overrides, "
@@ -994,6 +1014,13 @@ def _variant_of(source: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _subsample_of(source: Mapping[str, Any]) -> str | None:
+    data = source.get("data")
+    if isinstance(data, Mapping) and data.get("subsample") not in (None, ""):
+        return str(data["subsample"])
+    return None
+
+
 def _dataset_of(source: Mapping[str, Any]) -> str | None:
     data = source.get("data")
     if isinstance(data, Mapping) and data.get("dataset") not in (None, ""):
@@ -1012,8 +1039,11 @@ def resolve_run_config(
 ) -> RunConfig:
     """Resolve a run's configuration from all its sources, later ones winning::
 
-        RunConfig defaults < preset (+ its variant, + its datasets entry) < base < config_file
-        < dataset < overrides
+        RunConfig defaults < preset (+ its protocol, + its variant, + its datasets entry) < base
+        < config_file < dataset < overrides
+
+    The preset's ``protocols.base2novel`` entry applies when a source sets ``data.subsample: base``
+    (training on the base classes is the base-to-novel protocol).
 
     The dataset that selects the preset's per-dataset entry, and the ``method_config.variant``
     that selects its variant entry, are known only after reading the later sources (they may come
@@ -1054,11 +1084,13 @@ def resolve_run_config(
                               f"drop one of them")
     _, method = _find_preset(method, presets_dir)  # canonical spelling: the preset's file name
 
-    chosen_dataset = chosen_variant = None
+    chosen_dataset = chosen_variant = chosen_subsample = None
     for _, source in sources:
         chosen_dataset = _dataset_of(source) or chosen_dataset
         chosen_variant = _variant_of(source) or chosen_variant
-    preset = load_preset(method, chosen_dataset, presets_dir, variant=chosen_variant)
+        chosen_subsample = _subsample_of(source) or chosen_subsample
+    protocol = "base2novel" if chosen_subsample == "base" else None
+    preset = load_preset(method, chosen_dataset, presets_dir, variant=chosen_variant, protocol=protocol)
     _check_keys(RunConfig, preset, "", f"preset {method}")
 
     merged: dict[str, Any] = preset

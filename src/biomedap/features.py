@@ -24,7 +24,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,6 +84,23 @@ def train_views(augment: AugmentSpec, seed: int, count: int) -> list[ViewSpec]:
     return [ViewSpec(augment, seed, i) for i in range(count)]
 
 
+@dataclass(frozen=True)
+class TokenPrefix:
+    """Encode tokens entering ViT block ``block`` instead of pooled features.
+
+    For token-space methods (visual prompts, fusion): blocks ``0 .. block-1`` are frozen, run with
+    the fixed ``hook`` (named ``hook_name``, which enters the cache namespace; ``"plain"`` = no
+    hook). Entries are [T, width] per image and view, not normalised.
+    """
+
+    block: int
+    hook_name: str = "plain"
+    hook: Callable | None = field(default=None, compare=False, repr=False)
+
+    def fingerprint(self) -> dict:
+        return {"tokens_at_block": self.block, "hook": self.hook_name}
+
+
 class FeatureCache:
     """Feature store under ``root`` (see module docstring).  Cheap to create; safe to share."""
 
@@ -115,8 +132,11 @@ class FeatureCache:
             self._image_hashes[path] = (signature, digest)
         return digest
 
-    def namespace(self, backbone: Backbone, view: ViewSpec, precision: str = "fp32") -> Path:
+    def namespace(self, backbone: Backbone, view: ViewSpec, precision: str = "fp32",
+                  prefix: TokenPrefix | None = None) -> Path:
         transform = {"schema": CACHE_SCHEMA, "view": view.transform_fingerprint(), "precision": precision}
+        if prefix is not None:  # token entries live apart from features (features' keys are unchanged)
+            transform["prefix"] = prefix.fingerprint()
         return self.root / backbone.identity.fingerprint / json_fingerprint(transform)[:20]
 
     # ----------------------------------------------------------------- storage
@@ -250,13 +270,15 @@ def encode_samples(
     normalize: bool = True,
     progress: bool | Callable = False,
     desc: str = "encoding images",
+    prefix: TokenPrefix | None = None,
 ) -> torch.Tensor:
     """Frozen image features of ``paths`` under each view: [N, D] for one view, [V, N, D] for a list.
 
     Cached entries are read; missing ones are encoded in batches and written shard by shard
     (every ``cache.shard_size`` images), so an interrupted extraction keeps what it finished.
     ``cache=None`` encodes everything and stores nothing.  ``num_workers`` > 0 decodes and
-    transforms images in that many worker processes.
+    transforms images in that many worker processes.  With ``prefix``, the tokens entering block
+    ``prefix.block`` are encoded instead ([N, T, width] / [V, N, T, width], never normalised).
     """
     single = isinstance(views, ViewSpec)
     view_list = [views] if single else list(views)
@@ -266,13 +288,18 @@ def encode_samples(
     hashes = [cache.image_sha256(p) for p in paths]
     # bf16 autocast only exists on CUDA; elsewhere the features are fp32 and share fp32's entries.
     precision = "bf16" if precision == "bf16" and backbone.device.type == "cuda" else "fp32"
-    dim = backbone.embed_dim
-    out = torch.empty(len(view_list), len(paths), dim, dtype=torch.float32)
+    if prefix is None:
+        entry_shape: tuple[int, ...] = (backbone.embed_dim,)
+    else:
+        backbone.validate_block_indices([prefix.block], "prefix block", allow_depth=True)
+        entry_shape = (backbone.vision.num_tokens, backbone.vision.width)
+        normalize = False
+    out = torch.empty(len(view_list), len(paths), *entry_shape, dtype=torch.float32)
 
     # All views of one augmentation share a namespace: look each namespace up once.
     wanted: dict[Path, list[tuple[int, int, str]]] = {}
     for v, view in enumerate(view_list):
-        namespace = cache.namespace(backbone, view, precision)
+        namespace = cache.namespace(backbone, view, precision, prefix)
         wanted.setdefault(namespace, []).extend((v, i, h + view.entry_suffix()) for i, h in enumerate(hashes))
     todo: list[tuple[int, int, str, Path]] = []  # (view idx, image idx, key, namespace), one per distinct key
     duplicates: list[tuple[int, int, int, int]] = []  # (view, image) that repeats an encoded (view, image)
@@ -300,7 +327,10 @@ def encode_samples(
         for start, pixels in zip(range(0, len(todo), batch_size), loader):
             chunk = todo[start:start + batch_size]
             with torch.no_grad(), autocast:
-                features = backbone.encode_image(pixels).float().cpu()
+                if prefix is None:
+                    features = backbone.encode_image(pixels).float().cpu()
+                else:
+                    features = backbone.encode_image_prefix(pixels, prefix.block, hook=prefix.hook).float().cpu()
             for (v, i, key, namespace), feature in zip(chunk, features):
                 out[v, i] = feature
                 pending.setdefault(namespace, {})[key] = feature
@@ -320,6 +350,45 @@ def encode_samples(
     if normalize:
         out = F.normalize(out, dim=-1)
     return out[0] if single else out
+
+
+TEXT_NAMESPACE = "text"
+
+
+def encode_texts(
+    backbone: Backbone,
+    texts: Sequence[str],
+    *,
+    cache: FeatureCache | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Normalised frozen text features [N, D] of ``texts`` (eval mode, no gradients), cached.
+
+    For fixed teacher text such as description banks: each distinct text is encoded once per
+    backbone and stored under ``CACHE_ROOT/<backbone fingerprint>/text/`` keyed by the SHA-256 of
+    the text, so every run, seed and method that needs the same sentences reads them back.
+    Texts are encoded in length-sorted batches (padding to the longest text of each batch).
+    Always fp32: teacher targets do not follow the run's autocast.
+    """
+    texts = list(texts)
+    if cache is None:
+        cache = _NoCache()
+    keys = [bytes_sha256(text.encode("utf-8")) for text in texts]
+    namespace = cache.root / backbone.identity.fingerprint / TEXT_NAMESPACE
+    found = cache.lookup(namespace, keys)
+    missing = sorted({key: text for key, text in zip(keys, texts) if key not in found}.items(),
+                     key=lambda item: len(item[1]))
+    if missing:
+        new: dict[str, torch.Tensor] = {}
+        with torch.no_grad(), backbone.text_dropout(False):
+            for start in range(0, len(missing), batch_size):
+                chunk = missing[start:start + batch_size]
+                features = backbone.encode_text([text for _, text in chunk]).float().cpu()
+                new.update({key: feature for (key, _), feature in zip(chunk, features)})
+        cache.store(namespace, new, {"backbone": backbone.identity.to_dict(), "kind": "text", "schema": CACHE_SCHEMA})
+        found.update(new)
+    out = torch.stack([found[key] for key in keys]) if keys else torch.empty(0, backbone.embed_dim)
+    return F.normalize(out.float(), dim=-1)
 
 
 def _shard_info(backbone: Backbone, views: Sequence[ViewSpec], precision: str) -> dict:

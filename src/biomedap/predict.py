@@ -144,7 +144,7 @@ def predict_image_logits(
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
             pixels = torch.stack([transform(load_image(p)) for p in chunk]).to(device)
-            with autocast_for(device, precision):
+            with torch.no_grad(), autocast_for(device, precision):
                 logits = method(Batch(pixels=pixels))
             outputs.append(logits.float().cpu())
             if bar is not None:

@@ -126,7 +126,8 @@ def run_experiment(
     from .backbone import load_backbone
     from .data import load_dataset, sample_few_shot, subsample_classes
     from .data.transforms import DASSL_AUGMENT, LP_AUGMENT, NO_AUGMENT
-    from .features import FeatureCache, ViewSpec, encode_samples, train_views
+    from .features import FeatureCache, TokenPrefix, ViewSpec, encode_samples, train_views
+    from .predict import predict_image_logits
     from .methods import Method, TrainingData, build_method, get_method
     from .metrics import evaluate_logits
     from .train import FeatureTrainData, fit, predict_logits
@@ -134,8 +135,6 @@ def run_experiment(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     method_cls = get_method(config.method)
-    if method_cls.input_kind != "features":
-        raise NotImplementedError(f"{method_cls.name} trains in pixel space, which run_experiment does not drive yet")
     method_config = config_from_dict(method_cls.Config, config.method_config, where="method_config")
     method_config_dict = config_to_dict(method_config)
     device = resolve_device(config.device)
@@ -184,21 +183,41 @@ def run_experiment(
     labels = torch.tensor([s.label for s in fewshot.train])
     augment = {"dassl": DASSL_AUGMENT, "lp": LP_AUGMENT, "none": NO_AUGMENT}[data_cfg.augment]
     sets_up = type(method).prepare is not Method.prepare or type(method).finalize is not Method.finalize
-    views = None
+    on_tokens = method_cls.input_kind == "tokens"
+    # Token-space methods train on the tokens entering their first learned block (blocks before it
+    # are frozen: computed once per view and cached), and see plain features only as prototypes.
+    prefix = TokenPrefix(method.prefix_block, method.prefix_fingerprint(), method.prefix_hook()) if on_tokens else None
+    what = "train tokens" if on_tokens else "train"
+    views = train_eval_features = None
     if method_cls.trainable or sets_up:
         if augment.kind == "none":
             views = encode_samples(backbone, fewshot.train, ViewSpec(), cache=cache, precision=precision,
                                    num_workers=data_cfg.num_workers, progress=progress,
-                                   desc="train features").unsqueeze(0)
+                                   desc=f"{what} features", prefix=prefix).unsqueeze(0)
         else:
             # A fresh view per epoch (faithful), a fixed pool of views, or the single augmented view
             # the closed-form methods of the published harness used.
             count = data_cfg.views or (config.optim.epochs if method_cls.trainable else 1)
             views = encode_samples(backbone, fewshot.train, train_views(augment, config.seed, count), cache=cache,
                                    precision=precision, num_workers=data_cfg.num_workers, progress=progress,
-                                   desc=f"train views ({count})")
+                                   desc=f"{what} views ({count})", prefix=prefix)
+        train_eval_features = views[0] if augment.kind == "none" and not on_tokens else encode_samples(
+            backbone, fewshot.train, ViewSpec(), cache=cache, precision=precision,
+            num_workers=data_cfg.num_workers, progress=progress, desc="train features (eval view)")
+    # Named extra views (e.g. BioVLM's weak and strong views): as many as the main views, each
+    # name with seeds of its own so that its crops differ from the main views'.
+    extra_views = {}
+    if views is not None:
+        for offset, (name, extra_augment) in enumerate(sorted(method_cls.extra_views(method_config).items()), 1):
+            extra_seed = config.seed * 1000 + offset
+            extra_views[name] = encode_samples(
+                backbone, fewshot.train, train_views(extra_augment, extra_seed, views.shape[0]), cache=cache,
+                precision=precision, num_workers=data_cfg.num_workers, progress=progress,
+                desc=f"{name} views ({views.shape[0]})")
     eval_features = {}
     for split in dict.fromkeys([*data_cfg.eval_splits, *(["val"] if method_cls.uses_validation else [])]):
+        if on_tokens:  # evaluated from pixels below: every block after the prefix depends on training
+            continue
         samples = fewshot.split(split)
         eval_features[split] = (
             encode_samples(backbone, samples, ViewSpec(), cache=cache, precision=precision,
@@ -214,16 +233,18 @@ def run_experiment(
     if views is not None:
         val_features, val_labels = eval_features.get("val", (None, None))
         training = TrainingData(
-            train_features=views[0].to(device), train_labels=labels.to(device), views=views,
+            train_features=(train_eval_features if on_tokens else views[0]).to(device), train_labels=labels.to(device),
+            views=None if on_tokens else views, train_eval_features=train_eval_features.to(device),
             val_features=None if val_features is None else val_features.to(device),
             val_labels=None if val_labels is None else val_labels.to(device),
-            optim=config.optim, seed=config.seed, precision=precision,
+            optim=config.optim, seed=config.seed, precision=precision, cache=cache,
         )
         method.prepare(training)
     fit_result = None
     if method.needs_fit():
         fit_result = fit(
-            method, FeatureTrainData(views, labels), config.optim, seed=config.seed, precision=precision,
+            method, FeatureTrainData(views, labels, extra=extra_views or None, kind="tokens" if on_tokens else "features"),
+            config.optim, seed=config.seed, precision=precision,
             checkpoint_path=run_dir / "resume.pt", progress=progress,
             on_epoch_end=lambda row: _append_log(
                 run_dir, "epoch {epoch:>4d}  lr {lr:.6g}  ".format(**row)
@@ -238,8 +259,14 @@ def run_experiment(
     t = time.perf_counter()
     metrics = {}
     for split in data_cfg.eval_splits:
-        features, split_labels = eval_features[split]
-        logits = predict_logits(method, features, precision=precision)
+        if on_tokens:
+            samples = fewshot.split(split)
+            split_labels = torch.tensor([s.label for s in samples])
+            logits = predict_image_logits(method, [s.path for s in samples], batch_size=config.eval_batch_size,
+                                          precision=precision, progress=progress)
+        else:
+            features, split_labels = eval_features[split]
+            logits = predict_logits(method, features, precision=precision)
         metrics[split] = evaluate_logits(logits, split_labels, fewshot.classnames)
         atomic_save_safetensors(run_dir / f"{split}_logits.safetensors",
                                 {"logits": logits.float(), "labels": split_labels.long()})

@@ -27,18 +27,31 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FeatureTrainData:
-    """Feature-space training set: ``views[e % V]`` are the image features used in epoch ``e``."""
+    """Cached training set: ``views[e % V]`` are the image features (or tokens) used in epoch ``e``.
 
-    views: torch.Tensor  # [V, N, D] normalised features; V = epochs (faithful) or a smaller pool
+    ``kind="features"``: views [V, N, D] of normalised features, batches carry ``features``.
+    ``kind="tokens"``: views [V, N, T, width] of tokens entering the method's ``prefix_block``,
+    batches carry ``tokens``.
+    """
+
+    views: torch.Tensor  # V = epochs (faithful) or a smaller pool
     labels: torch.Tensor  # [N]
+    extra: dict[str, torch.Tensor] | None = None  # named extra views, each [V', N, D] (Method.extra_views)
+    kind: str = "features"
 
     def __post_init__(self):
-        if self.views.dim() == 2:
+        if self.kind not in ("features", "tokens"):
+            raise ValueError(f"kind must be 'features' or 'tokens', got {self.kind!r}")
+        if self.views.dim() == (2 if self.kind == "features" else 3):
             self.views = self.views.unsqueeze(0)
         if self.views.shape[1] != self.labels.shape[0]:
             raise ValueError(f"{self.views.shape[1]} feature rows but {self.labels.shape[0]} labels")
         if self.labels.numel() == 0:
             raise ValueError("the training set is empty")
+        for name, extra in (self.extra or {}).items():
+            if extra.dim() != 3 or extra.shape[1] != self.labels.shape[0]:
+                raise ValueError(f"extra view {name!r} has shape {tuple(extra.shape)}; expected [V, "
+                                 f"{self.labels.shape[0]}, D]")
 
     @property
     def num_samples(self) -> int:
@@ -46,7 +59,9 @@ class FeatureTrainData:
 
     def batch(self, epoch: int, index: torch.Tensor) -> Batch:
         view = self.views[epoch % self.views.shape[0]]
-        return Batch(labels=self.labels[index], features=view[index])
+        extra = None if not self.extra else {name: views[epoch % views.shape[0]][index]
+                                             for name, views in self.extra.items()}
+        return Batch(labels=self.labels[index], extra=extra, **{self.kind: view[index]})
 
 
 @dataclass
@@ -203,7 +218,7 @@ def predict_logits(
     device = method.backbone.device
     outputs = []
     for start in range(0, features.shape[0], chunk_size):
-        with autocast_for(device, precision):
+        with torch.no_grad(), autocast_for(device, precision):
             logits = method(Batch(features=features[start:start + chunk_size].to(device)))
         outputs.append(logits.float().cpu())
     if not outputs:

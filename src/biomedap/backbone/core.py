@@ -104,15 +104,20 @@ class Backbone:
         finally:
             self.set_text_dropout(previous)
 
-    def validate_block_indices(self, indices: Iterable[int], option: str) -> list[int]:
-        """Check ViT block indices given to a method; the error names the option and the valid range."""
+    def validate_block_indices(self, indices: Iterable[int], option: str, *, allow_depth: bool = False) -> list[int]:
+        """Check ViT block indices given to a method; the error names the option and the valid range.
+
+        ``allow_depth`` also accepts ``depth`` itself (a position after the last block, e.g. a prefix
+        that runs every block).
+        """
         depth = self.vision.depth
+        top = depth if allow_depth else depth - 1
         checked = []
         for index in indices:
-            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < depth:
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= top:
                 raise ValueError(
                     f"{option}: block index {index!r} is out of range for this backbone's ViT with "
-                    f"{depth} blocks (valid: 0..{depth - 1})"
+                    f"{depth} blocks (valid: 0..{top})"
                 )
             checked.append(index)
         return checked
@@ -157,11 +162,15 @@ class Backbone:
         features = self.vision.pool(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_image_prefix(self, pixels: torch.Tensor, upto: int) -> torch.Tensor:
-        """Tokens entering block ``upto`` with no prompts: cacheable when nothing before it is learned."""
+    def encode_image_prefix(self, pixels: torch.Tensor, upto: int, *, hook: BlockHook | None = None) -> torch.Tensor:
+        """Tokens entering block ``upto``: cacheable when nothing before it is learned.
+
+        ``hook`` is a fixed (parameter-free) per-block modification of blocks ``0 .. upto-1``, such
+        as Biomed-DPT's released zero-token overwrite; it is not applied before block ``upto``.
+        """
         if not 0 <= upto <= self.vision.depth:
             raise ValueError(f"upto={upto} is out of range 0..{self.vision.depth}")
-        return self.vision.run_blocks(self.vision.embed(pixels.to(self.device)), 0, upto)
+        return self.vision.run_blocks(self.vision.embed(pixels.to(self.device)), 0, upto, hook=hook)
 
     # ------------------------------------------------------------------ text side
     def tokenize(self, texts: Sequence[str]) -> TokenizedText:

@@ -24,6 +24,8 @@ from torch import nn
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
+    from ..backbone.towers import BlockHook
+    from ..data.transforms import AugmentSpec
 
 
 @dataclass
@@ -38,13 +40,20 @@ class Batch:
     labels: torch.Tensor | None = None
     features: torch.Tensor | None = None
     pixels: torch.Tensor | None = None
+    # Tokens entering block ``Method.prefix_block`` (from the cache), for ``input_kind = "tokens"``.
+    tokens: torch.Tensor | None = None
+    # Other views of the same images, by name (e.g. BioVLM's {"weak": [B, D], "strong": [B, D]}):
+    # present in training batches of methods that declare ``extra_views``.
+    extra: dict[str, torch.Tensor] | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
-                        for f in fields(self)})
+        moved = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                 for f in fields(self) if f.name != "extra"}
+        extra = None if self.extra is None else {k: v.to(device) for k, v in self.extra.items()}
+        return Batch(**moved, extra=extra)
 
     def __len__(self) -> int:
-        for value in (self.features, self.pixels, self.labels):
+        for value in (self.features, self.tokens, self.pixels, self.labels):
             if value is not None:
                 return value.shape[0]
         return 0
@@ -69,6 +78,16 @@ class TrainingData:
     optim: object | None = None  # the run's OptimConfig (methods that run their own loops read it)
     seed: int = 0
     precision: str = "fp32"  # the run's resolved precision, for loops run inside prepare()
+    cache: object | None = None  # the run's FeatureCache: teacher text features are stored there
+    # Frozen, unprompted eval-view features [N, D] of the training images (class prototypes), when the
+    # runner provides them (always for token-space methods).
+    train_eval_features: torch.Tensor | None = None
+
+    def encode_texts(self, backbone: Backbone, texts: Sequence[str]) -> torch.Tensor:
+        """Normalised frozen text features [N, D] of fixed texts (teacher banks), from the run's cache."""
+        from ..features import encode_texts
+
+        return encode_texts(backbone, texts, cache=self.cache).to(backbone.device)
 
     def require_validation(self, method: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.val_features is None or self.val_labels is None or len(self.val_labels) == 0:
@@ -94,14 +113,26 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    # "features": trains and predicts on cached image features; "pixels": needs the image tower.
-    input_kind: ClassVar[Literal["features", "pixels"]] = "features"
+    # "features": trains and predicts on cached image features. "tokens": runs ViT blocks itself
+    # (visual prompts, fusion): trains on cached tokens entering block ``prefix_block`` and
+    # predicts from pixels (or tokens); see :meth:`image_tokens`.
+    input_kind: ClassVar[Literal["features", "tokens"]] = "features"
     # False for methods with nothing to optimise by gradient (zero-shot, closed-form probes).
     trainable: ClassVar[bool] = True
     # False for methods whose learned state is tied to the training classes (probes, caches).
     supports_unseen_classes: ClassVar[bool] = True
     # True for methods that select hyperparameters or iterations on the few-shot validation split.
     uses_validation: ClassVar[bool] = False
+
+    @classmethod
+    def extra_views(cls, config: MethodConfig) -> dict[str, AugmentSpec]:
+        """Additional augmented views of each training image the method trains on, by name.
+
+        The runner encodes ``data.views`` views of each (cached like the main views, drawn from
+        seeds of their own) and puts view ``e mod V`` of each name into ``Batch.extra`` in epoch
+        ``e``. Default: none.
+        """
+        return {}
 
     def __init__(self, backbone: Backbone, classnames: Sequence[str], config: MethodConfig | None = None):
         super().__init__()
@@ -129,6 +160,36 @@ class Method(nn.Module):
             raise ValueError(f"{self.name}: the batch has neither features nor pixels")
         with torch.no_grad():
             return self.backbone.encode_image(batch.pixels, normalize=True)
+
+    # ------------------------------------------------------------------ token-space methods
+    @property
+    def prefix_block(self) -> int:
+        """First ViT block whose input depends on learned parameters (``input_kind = "tokens"``).
+
+        Blocks ``0 .. prefix_block-1`` run frozen (with :meth:`prefix_hook`, if any): their output
+        is what the runner caches per training view.
+        """
+        return 0
+
+    def prefix_hook(self) -> BlockHook | None:
+        """A fixed, parameter-free per-block modification of the frozen prefix blocks (default none)."""
+        return None
+
+    def prefix_fingerprint(self) -> str:
+        """Names what the frozen prefix computes, for the cache namespace: ``"plain"`` or the hook's name.
+
+        Two methods with the same ``prefix_block`` and fingerprint share cached tokens.
+        """
+        return "plain"
+
+    def image_tokens(self, batch: Batch) -> torch.Tensor:
+        """Tokens entering :attr:`prefix_block` [B, T, width]: the cached ones, or computed from pixels."""
+        if batch.tokens is not None:
+            return batch.tokens.to(self.backbone.device)
+        if batch.pixels is None:
+            raise ValueError(f"{self.name}: the batch has neither tokens nor pixels")
+        with torch.no_grad():
+            return self.backbone.encode_image_prefix(batch.pixels, self.prefix_block, hook=self.prefix_hook())
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Class logits [B, C]."""
