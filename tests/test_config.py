@@ -495,3 +495,15 @@ def test_base_to_novel_protocol_table_applies_when_training_on_base_classes(tmp_
     (tmp_path / "bad.yaml").write_text("protocols:\n  fewshot: {}\n")
     with pytest.raises(ConfigError, match="protocols"):
         resolve_run_config("bad", presets_dir=tmp_path)
+
+
+@pytest.mark.parametrize("method, epochs, lr, option, value", [
+    ("coop", 50, 0.002, None, None),
+    ("kgcoop", 50, 0.002, "kg_weight", 8.0),       # W = 8 on every dataset (btmri's few-shot W is 2)
+    ("prograd", 50, 0.0015, "temperature", 1.0),   # T = 1 on every dataset (btmri's few-shot T is 2)
+])
+def test_published_base_to_novel_settings_of_the_coop_family(method, epochs, lr, option, value):
+    run = resolve_run_config(method, dataset="btmri", overrides=["data.subsample=base"])
+    assert (run.optim.epochs, run.optim.lr) == (epochs, lr)
+    if option:
+        assert run.method_config[option] == value
