@@ -507,3 +507,12 @@ def test_published_base_to_novel_settings_of_the_coop_family(method, epochs, lr,
     assert (run.optim.epochs, run.optim.lr) == (epochs, lr)
     if option:
         assert run.method_config[option] == value
+
+
+def test_medmnist_keys_do_not_pick_up_the_benchmark_entry_of_the_same_flag(tmp_path):
+    (tmp_path / "demo.yaml").write_text("datasets:\n  octmnist: {seed: 5}\n  medmnist/pathmnist: {seed: 6}\n")
+    assert resolve_run_config("demo", dataset="octmnist", presets_dir=tmp_path).seed == 5
+    assert resolve_run_config("demo", dataset="OCTMNIST", presets_dir=tmp_path).seed == 5
+    assert resolve_run_config("demo", dataset="medmnist/octmnist", presets_dir=tmp_path).seed == RunConfig().seed
+    assert resolve_run_config("demo", dataset="medmnist-pathmnist", presets_dir=tmp_path).seed == 6
+    assert resolve_run_config("demo", dataset="/data/OCTMNIST", presets_dir=tmp_path).seed == 5  # a folder

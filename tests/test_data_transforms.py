@@ -251,3 +251,89 @@ def test_train_transform_output_and_flip_matter():
         for s in range(8)
     ]
     assert any(differs) and not all(differs)
+
+
+# ------------------------------------------------------------------ colour jitter and blur (BioVLM's strong view)
+
+STRONG = AugmentSpec(hflip=True, color_jitter=(0.4, 0.4, 0.4, 0.1), color_jitter_p=0.8, blur_kernel=3, blur_p=0.5)
+
+
+def test_new_photometric_fields_leave_existing_fingerprints_and_dicts_unchanged():
+    # Pinned values computed before the photometric fields existed: cached features stay addressable.
+    assert DASSL_AUGMENT.fingerprint() == "1e1b592a60f6dc3b"
+    assert LP_AUGMENT.fingerprint() == "2c292a80ee9d8072"
+    assert NO_AUGMENT.fingerprint() == "2ff9cdff091aef6f"
+    assert AugmentSpec(scale=(0.3, 0.9), hflip=True, interpolation="bilinear").fingerprint() == "479b63e13b0a5433"
+    assert set(LP_AUGMENT.to_dict()) == {"kind", "scale", "ratio", "hflip", "interpolation"}
+    explicit_defaults = AugmentSpec(hflip=True, scale=(0.5, 1.0), color_jitter=None, color_jitter_p=1.0,
+                                    blur_kernel=0, blur_sigma=(0.1, 2.0), blur_p=1.0)
+    assert explicit_defaults == LP_AUGMENT and explicit_defaults.fingerprint() == LP_AUGMENT.fingerprint()
+
+
+def test_photometric_fields_enter_fingerprint_and_round_trip():
+    jitter_only = AugmentSpec(hflip=True, color_jitter=(0.4, 0.4, 0.4, 0.1))
+    blur_only = AugmentSpec(hflip=True, blur_kernel=3)
+    prints = {s.fingerprint() for s in (AugmentSpec(hflip=True), jitter_only, blur_only, STRONG,
+                                        AugmentSpec(hflip=True, blur_kernel=3, blur_p=0.5))}
+    assert len(prints) == 5
+    assert STRONG.to_dict()["color_jitter"] == [0.4, 0.4, 0.4, 0.1]
+    for spec in (STRONG, jitter_only, blur_only):
+        again = AugmentSpec.from_dict(spec.to_dict())
+        assert again == spec and again.fingerprint() == spec.fingerprint()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"color_jitter": (0.4, 0.4, 0.4)}, "color_jitter"), ({"color_jitter": (0.4, -0.1, 0.4, 0.1)}, "color_jitter"),
+     ({"color_jitter": (0.4, 0.4, 0.4, 0.6)}, "hue"), ({"color_jitter_p": 1.5}, "color_jitter_p"),
+     ({"blur_p": -0.1}, "blur_p"), ({"blur_kernel": 4}, "blur_kernel"), ({"blur_kernel": -3}, "blur_kernel"),
+     ({"blur_sigma": (2.0, 0.1)}, "blur_sigma"), ({"kind": "none", "blur_kernel": 3}, "kind='random_resized_crop'"),
+     ({"kind": "none", "color_jitter": (0.1, 0.1, 0.1, 0.0)}, "kind='random_resized_crop'")],
+)
+def test_photometric_fields_are_validated(kwargs, match):
+    with pytest.raises(InvalidOptionError, match=match):
+        AugmentSpec(**kwargs)
+
+
+def test_photometric_view_is_deterministic_per_seed_and_leaves_global_rng_alone():
+    pre = PreprocessConfig(size=32)
+    image = ODD_IMAGES[0]
+    state = torch.get_rng_state()
+    views = [augmented_view(image, STRONG, pre, seed) for seed in range(6)]
+    assert torch.equal(state, torch.get_rng_state())
+    assert all(torch.equal(v, augmented_view(image, STRONG, pre, seed)) for seed, v in enumerate(views))
+    assert len({v.sum().item() for v in views}) == 6
+
+
+@pytest.mark.parametrize("spec", [STRONG, AugmentSpec(color_jitter=(0.4, 0.0, 0.4, 0.1), color_jitter_p=0.5),
+                                  AugmentSpec(blur_kernel=5, blur_sigma=(0.5, 1.5))],
+                         ids=["strong", "jitter", "blur"])
+def test_photometric_view_equals_torchvision_under_the_same_seed(spec):
+    pre = PreprocessConfig(size=32)
+    pipeline = build_train_transform(spec, pre)
+    for seed in range(10):
+        for image in ODD_IMAGES[:3]:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                expected = pipeline(image)
+            assert torch.equal(augmented_view(image, spec, pre, seed), expected)
+
+
+def test_jitter_and_blur_change_pixels_only_when_they_fire():
+    pre = PreprocessConfig(size=32)
+    image = ODD_IMAGES[0]
+    plain = AugmentSpec(hflip=True)
+    # The crop and flip are drawn first, so a never-applied jitter (p = 0) leaves the view as it was.
+    never = AugmentSpec(hflip=True, color_jitter=(0.4, 0.4, 0.4, 0.1), color_jitter_p=0.0)
+    always = AugmentSpec(hflip=True, color_jitter=(0.4, 0.4, 0.4, 0.1))
+    blurred = AugmentSpec(hflip=True, blur_kernel=3)
+    for seed in range(5):
+        base = augmented_view(image, plain, pre, seed)
+        assert torch.equal(augmented_view(image, never, pre, seed), base)
+        assert not torch.equal(augmented_view(image, always, pre, seed), base)
+        assert not torch.equal(augmented_view(image, blurred, pre, seed), base)
+    # With p = 0.8 the jitter fires on some seeds and not on others (where the view is the plain one).
+    sometimes = AugmentSpec(hflip=True, color_jitter=(0.4, 0.4, 0.4, 0.1), color_jitter_p=0.8)
+    fired = [not torch.equal(augmented_view(image, sometimes, pre, s), augmented_view(image, plain, pre, s))
+             for s in range(20)]
+    assert 10 <= sum(fired) < 20

@@ -38,8 +38,10 @@ def counted(tiny_backbone):
         return original(pixels, **kwargs)
 
     tiny_backbone.encode_image = wrapper
-    yield seen
-    tiny_backbone.encode_image = original
+    try:
+        yield seen
+    finally:
+        del tiny_backbone.encode_image  # the class method shows through again
 
 
 def test_run_directory_is_complete_and_self_describing(synthetic_root, tmp_path, tiny_backbone, feature_cache):

@@ -927,7 +927,13 @@ def _dataset_entries(table: Mapping[str, Any], dataset: str) -> list[str]:
     """
     text = str(dataset).strip()
     path = Path(text)
-    names = {text.lower(), path.name.lower(), path.stem.lower()} - {""}
+    lowered = text.lower()
+    if lowered.startswith(("medmnist/", "medmnist-")):
+        # A MedMNIST+ catalog key, not a path: "medmnist/octmnist" must not pick up the benchmark's
+        # "octmnist" entry through its last component.
+        names = {lowered, lowered.replace("/", "-", 1), lowered.replace("-", "/", 1)}
+    else:
+        names = {lowered, path.name.lower(), path.stem.lower()} - {""}
     keys = [k for k in table if str(k).strip().lower() in names]
     if keys or not table:
         return keys
@@ -937,7 +943,7 @@ def _dataset_entries(table: Mapping[str, Any], dataset: str) -> list[str]:
         from .data.catalog import get_dataset_spec
     except ImportError:
         return []
-    for candidate in (text, path.name):
+    for candidate in (text,) if lowered.startswith("medmnist") else (text, path.name):
         try:
             spec = get_dataset_spec(candidate)
         except (LookupError, ValueError):

@@ -16,9 +16,10 @@ every time it is asked for view ``v`` under seed ``s``, in any process and any o
     seed = view_seed(run_seed, view_index, image_id)   # image_id: e.g. the file's sha256
     pixels = augmented_view(image, aug, pre, seed)
 
-``augmented_view`` draws the crop (and flip) from a private ``torch.Generator`` seeded with
-``seed`` and never touches the global RNG. It consumes the generator exactly like torchvision's
-``RandomResizedCrop`` + ``RandomHorizontalFlip`` consume the global one, so
+``augmented_view`` draws the crop (and flip, colour jitter and blur) from a private
+``torch.Generator`` seeded with ``seed`` and never touches the global RNG. It consumes the
+generator exactly like torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip`` +
+``RandomApply([ColorJitter])`` + ``RandomApply([GaussianBlur])`` consume the global one, so
 ``augmented_view(img, aug, pre, s)`` equals ``build_train_transform(aug, pre)(img)`` run right
 after ``torch.manual_seed(s)``.
 """
@@ -175,6 +176,15 @@ class AugmentSpec:
         ratio: aspect-ratio range of the crop.
         hflip: add a horizontal flip with probability 0.5 after the crop.
         interpolation: resampling of the crop, ``"bicubic"`` or ``"bilinear"``.
+        color_jitter: ``(brightness, contrast, saturation, hue)`` of a torchvision ``ColorJitter``
+            applied after the flip (on the PIL image), or ``None`` (off).
+        color_jitter_p: probability of applying the colour jitter (``RandomApply``).
+        blur_kernel: odd kernel size of a ``GaussianBlur`` applied after the jitter; 0 = off.
+        blur_sigma: range the blur's standard deviation is drawn from (torchvision's default).
+        blur_p: probability of applying the blur (``RandomApply``).
+
+    The photometric fields were added later: a spec that leaves them at their defaults has the
+    same :meth:`to_dict` and :meth:`fingerprint` as before they existed (feature-cache keys stay valid).
     """
 
     kind: str = "random_resized_crop"
@@ -182,6 +192,11 @@ class AugmentSpec:
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     hflip: bool = False
     interpolation: str = "bicubic"
+    color_jitter: tuple[float, float, float, float] | None = None
+    color_jitter_p: float = 1.0
+    blur_kernel: int = 0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_p: float = 1.0
 
     def __post_init__(self) -> None:
         owner = "AugmentSpec"
@@ -204,10 +219,47 @@ class AugmentSpec:
         _check_interpolation(self.interpolation, owner)
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "ratio", ratio)
+        self._check_photometric(owner)
+
+    def _check_photometric(self, owner: str) -> None:
+        jitter = self.color_jitter
+        if jitter is not None:
+            jitter = _float_tuple(jitter, 4, owner, "color_jitter")
+            if any(not math.isfinite(v) or v < 0 for v in jitter):
+                raise InvalidOptionError(f"{owner}.color_jitter must be 4 non-negative numbers "
+                                         f"(brightness, contrast, saturation, hue), got {jitter}.")
+            if jitter[3] > 0.5:
+                raise InvalidOptionError(f"{owner}.color_jitter hue must be ≤ 0.5, got {jitter[3]}.")
+            object.__setattr__(self, "color_jitter", jitter)
+        for option in ("color_jitter_p", "blur_p"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise InvalidOptionError(f"{owner}.{option} must be a probability in [0, 1], got {value!r}.")
+            object.__setattr__(self, option, float(value))
+        kernel = self.blur_kernel
+        if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 0 or (kernel and kernel % 2 == 0):
+            raise InvalidOptionError(f"{owner}.blur_kernel must be 0 (off) or an odd positive int, got {kernel!r}.")
+        sigma = _float_tuple(self.blur_sigma, 2, owner, "blur_sigma")
+        if not 0.0 < sigma[0] <= sigma[1]:
+            raise InvalidOptionError(f"{owner}.blur_sigma must satisfy 0 < low <= high, got {sigma}.")
+        object.__setattr__(self, "blur_sigma", sigma)
+        if self.kind == "none" and (jitter is not None or kernel):
+            raise InvalidOptionError(
+                f"{owner}: color_jitter / blur_kernel need kind='random_resized_crop' "
+                "(kind 'none' is the eval transform)."
+            )
 
     def to_dict(self) -> dict[str, Any]:
+        """All fields, except photometric ones left at their defaults (so older specs keep their keys)."""
         d = asdict(self)
         d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
+        for f in fields(self):
+            if f.name in _PHOTOMETRIC_FIELDS and getattr(self, f.name) == f.default:
+                del d[f.name]
+        if "color_jitter" in d:
+            d["color_jitter"] = list(self.color_jitter)
+        if "blur_sigma" in d:
+            d["blur_sigma"] = list(self.blur_sigma)
         return d
 
     @classmethod
@@ -217,6 +269,11 @@ class AugmentSpec:
     def fingerprint(self) -> str:
         """16 hex characters identifying the augmentation (every ``kind='none'`` spec is the same)."""
         return _fingerprint({"kind": "none"} if self.kind == "none" else self.to_dict())
+
+
+# Fields added after the first release of the cache format: they enter ``to_dict`` (and so the
+# fingerprint) only when they differ from their defaults.
+_PHOTOMETRIC_FIELDS = ("color_jitter", "color_jitter_p", "blur_kernel", "blur_sigma", "blur_p")
 
 
 # Presets. Frozen dataclasses, so sharing them module-wide is safe.
@@ -301,7 +358,8 @@ def build_eval_transform(pre: PreprocessConfig) -> T.Compose:
 def build_train_transform(aug: AugmentSpec, pre: PreprocessConfig) -> T.Compose:
     """Training transform drawing from torch's global RNG (for DataLoader pipelines).
 
-    RandomResizedCrop(size, scale, ratio) [→ RandomHorizontalFlip(0.5)] → RGB → tensor → normalize.
+    RandomResizedCrop(size, scale, ratio) [→ RandomHorizontalFlip(0.5)] [→ RandomApply(ColorJitter, p)]
+    [→ RandomApply(GaussianBlur, p)] → RGB → tensor → normalize.
     ``kind="none"`` returns the evaluation transform. For reproducible views use :func:`augmented_view`.
     """
     if aug.kind == "none":
@@ -313,6 +371,12 @@ def build_train_transform(aug: AugmentSpec, pre: PreprocessConfig) -> T.Compose:
     ]
     if aug.hflip:
         steps.append(T.RandomHorizontalFlip(HFLIP_PROBABILITY))
+    if aug.color_jitter is not None or aug.blur_kernel:
+        steps.append(ToRGB())  # colour operations need RGB; a no-op for the RGB images load_image returns
+    if aug.color_jitter is not None:
+        steps.append(T.RandomApply([T.ColorJitter(*aug.color_jitter)], p=aug.color_jitter_p))
+    if aug.blur_kernel:
+        steps.append(T.RandomApply([T.GaussianBlur(aug.blur_kernel, sigma=aug.blur_sigma)], p=aug.blur_p))
     return T.Compose(steps + _to_normalized_tensor(pre))
 
 
@@ -369,7 +433,32 @@ def apply_train_transform(
     )
     if aug.hflip and torch.rand(1, generator=generator).item() < HFLIP_PROBABILITY:
         view = F.hflip(view)
+    if aug.color_jitter is not None or aug.blur_kernel:
+        view = ToRGB()(view)
+    if aug.color_jitter is not None and _random_apply(aug.color_jitter_p, generator):
+        view = _color_jitter(view, aug.color_jitter, generator)
+    if aug.blur_kernel and _random_apply(aug.blur_p, generator):
+        sigma = torch.empty(1).uniform_(aug.blur_sigma[0], aug.blur_sigma[1], generator=generator).item()
+        view = F.gaussian_blur(view, [aug.blur_kernel, aug.blur_kernel], [sigma, sigma])
     return T.Compose(_to_normalized_tensor(pre))(view)
+
+
+def _random_apply(p: float, generator: torch.Generator) -> bool:
+    """torchvision ``RandomApply``'s draw: one uniform number, applied unless ``p < u``."""
+    return not p < torch.rand(1, generator=generator).item()
+
+
+def _color_jitter(image: Image.Image, strengths: tuple[float, ...], generator: torch.Generator) -> Image.Image:
+    """torchvision ``ColorJitter(*strengths)`` with its draws (order, then factors) taken from ``generator``."""
+    jitter = T.ColorJitter(*strengths)  # normalises the strengths to ranges (None = off) exactly as torchvision
+    order = torch.randperm(4, generator=generator)
+    factors = [None if r is None else float(torch.empty(1).uniform_(r[0], r[1], generator=generator))
+               for r in (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)]
+    adjust = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+    for index in order.tolist():
+        if factors[index] is not None:
+            image = adjust[index](image, factors[index])
+    return image
 
 
 def augmented_view(image: Image.Image, aug: AugmentSpec, pre: PreprocessConfig, seed: int) -> torch.Tensor:

@@ -10,6 +10,10 @@ import torch
 
 from .base import Batch, Method, MethodConfig, TrainingData, class_text_features
 # One import per method file.
+from .biomedap import BiomedAP, BiomedAPConfig
+from .biomedcoop import BiomedCoOp, BiomedCoOpConfig
+from .biomeddpt import BiomedDPT, BiomedDPTConfig
+from .biovlm import BioVLM, BioVLMConfig
 from .clip_adapter import ClipAdapter, ClipAdapterConfig
 from .cocoop import CoCoOp, CoCoOpConfig
 from .coop import CoOp, CoOpConfig
@@ -31,6 +35,10 @@ _METHOD_CLASSES: tuple[type[Method], ...] = (
     CoCoOp,
     KgCoOp,
     ProGrad,
+    BiomedCoOp,
+    BiomedDPT,
+    BiomedAP,
+    BioVLM,
     ClipAdapter,
     TipAdapter,
     TipAdapterF,
@@ -78,6 +86,14 @@ def build_method(
 __all__ = [
     "METHODS",
     "Batch",
+    "BioVLM",
+    "BioVLMConfig",
+    "BiomedAP",
+    "BiomedAPConfig",
+    "BiomedCoOp",
+    "BiomedCoOpConfig",
+    "BiomedDPT",
+    "BiomedDPTConfig",
     "CoCoOp",
     "CoCoOpConfig",
     "ClipAdapter",
