@@ -29,19 +29,23 @@ Template ``"clinical"`` picks the dataset's clinical template from the class nam
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..prompts.templates import TEMPLATES
 from ._prompting import PromptLayout, build_prompt_layout, context_from_phrase, insert_context, random_context
+from .base import MethodConfig
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
     from ..backbone.towers import BlockHook
 
 __all__ = [
+    "ClinicalPromptConfig",
     "CLINICAL",
     "CTX_FROM_TEMPLATE",
     "ClinicalPromptLearner",
@@ -312,3 +316,83 @@ def kl_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor) 
     log_s = F.log_softmax(student_logits.float(), dim=-1)
     log_t = F.log_softmax(teacher_logits.float(), dim=-1)
     return F.kl_div(log_s, log_t, log_target=True, reduction="sum") / student_logits.numel()
+
+
+# ------------------------------------------------------------------------------------ shared options
+
+
+@dataclass
+class ClinicalPromptConfig(MethodConfig):
+    """Options Biomed-DPT and BiomedAP share: the clinical text prompt learner, the deep visual
+    prompts and the description-bank teacher (each method adds its own loss weights and variant)."""
+
+    text_dropout: bool = field(
+        default=True,
+        metadata={"help": "run the frozen text transformer in train mode (dropout active) while training, as the "
+                          "published trainer did"},
+    )
+    template: str = field(
+        default=CLINICAL,
+        metadata={"help": "prompt template: 'clinical' (the clinical template of the catalog dataset the class names "
+                          "belong to; 'a photo of a {}.' for other class names), a template id (clinical/btmri) or a "
+                          "text with one '{}'"},
+    )
+    n_ctx: int | None = field(
+        default=None,
+        metadata={"help": "learned context vectors: they replace the first n_ctx word pieces of the template's "
+                          "phrase before '{}'; null = all of them"},
+    )
+    ctx_init: str | None = field(
+        default=CTX_FROM_TEMPLATE,
+        metadata={"help": "context initialisation: 'template' (the replaced pieces' own embeddings, the published "
+                          "CTX_INIT), a phrase (its first n_ctx pieces), or null (random N(0, init_std²))"},
+    )
+    class_token_position: PromptPosition | None = field(
+        default=None,
+        metadata={"help": "end | middle | front (class-name pieces placed exactly) | middle_released (the published "
+                          "layout: the first piece after the context moves between its halves); null = end, or "
+                          "Biomed-DPT's middle_released with variant=released"},
+    )
+    init_std: float = field(default=0.02, metadata={"help": "std of the random context initialisation"})
+    n_visual_tokens: int = field(
+        default=4, metadata={"help": "visual prompt tokens per prompted block (released: patch tokens overwritten)"}
+    )
+    prompt_blocks: tuple[int, ...] | None = field(
+        default=None,
+        metadata={"help": "ViT blocks (0-based) that get fresh visual prompts (released: zero overwrites); null = "
+                          "every block from prompt_start"},
+    )
+    descriptions: str = field(
+        default="builtin",
+        metadata={"help": "teacher description bank: builtin, builtin:<dataset> or a bank file (see "
+                          "`biomedap prompts`)"},
+    )
+    lambda_kl: float = field(
+        default=0.25, metadata={"help": "λ_KL: weight of KL(softmax(s f hᵀ) ‖ softmax(s f tᵀ)) summed / (B·C)"}
+    )
+
+    def check_prompt_options(self) -> None:
+        """Validate the shared options (called by each method's ``__post_init__``)."""
+        if self.template != CLINICAL:
+            text = TEMPLATES.get(self.template, self.template)
+            if text.count("{}") != 1:
+                raise ValueError(f"template: {self.template!r} must be 'clinical', a template id or a text with "
+                                 "exactly one '{}' for the class name")
+        if self.n_ctx is not None and self.n_ctx < 1:
+            raise ValueError(f"n_ctx must be ≥ 1 or null, got {self.n_ctx}")
+        if self.ctx_init is not None and not self.ctx_init.strip():
+            raise ValueError("ctx_init: empty; use 'template', a phrase, or null for random context")
+        if self.class_token_position is not None and self.class_token_position not in POSITIONS:
+            raise ValueError(f"class_token_position must be one of {', '.join(POSITIONS)} or null, "
+                             f"got {self.class_token_position!r}")
+        if not self.init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {self.init_std}")
+        if self.n_visual_tokens < 1:
+            raise ValueError(f"n_visual_tokens must be ≥ 1, got {self.n_visual_tokens}")
+        if self.prompt_blocks is not None:
+            if not self.prompt_blocks:
+                raise ValueError("prompt_blocks: give at least one block, or null for every block from prompt_start")
+            if len(set(self.prompt_blocks)) != len(self.prompt_blocks):
+                raise ValueError(f"prompt_blocks: a block is listed twice: {list(self.prompt_blocks)}")
+        if not self.lambda_kl >= 0:
+            raise ValueError(f"lambda_kl must be ≥ 0, got {self.lambda_kl}")

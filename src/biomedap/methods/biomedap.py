@@ -147,14 +147,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone.towers import chain_hooks
-from ..prompts.templates import TEMPLATES, format_template, resolve_template
+from ..prompts.templates import format_template, resolve_template
 from ._deep_prompts import (
-    CLINICAL,
-    CTX_FROM_TEMPLATE,
-    POSITIONS,
+    ClinicalPromptConfig,
     ClinicalPromptLearner,
     DeepVisualPrompts,
-    PromptPosition,
     kl_distillation,
     l1_anchor_loss,
     zero_overwrite_hook,
@@ -162,7 +159,7 @@ from ._deep_prompts import (
 from ._fusion import GatedPromptFusion, ReleasedPromptFusion, branch_parameter_counts
 from ._prompting import insert_context
 from ._teacher import bank_centroid, description_features
-from .base import Batch, Method, MethodConfig, TrainingData
+from .base import Batch, Method, TrainingData
 
 __all__ = ["BiomedAP", "BiomedAPConfig", "confidence_weights", "default_fusion_layers", "low_anchor"]
 
@@ -225,46 +222,11 @@ def confidence_weights(logits: torch.Tensor, mode: str = "anchor") -> torch.Tens
 
 
 @dataclass
-class BiomedAPConfig(MethodConfig):
-    text_dropout: bool = field(
-        default=True,
-        metadata={"help": "run the frozen text transformer in train mode (dropout active) while training, as the "
-                          "published trainer did"},
-    )
-    template: str = field(
-        default=CLINICAL,
-        metadata={"help": "prompt template: 'clinical' (the clinical template of the catalog dataset the class names "
-                          "belong to; 'a photo of a {}.' for other class names), a template id or a text with "
-                          "one '{}'"},
-    )
-    n_ctx: int | None = field(
-        default=None,
-        metadata={"help": "learned context vectors: they replace the first n_ctx word pieces of the template's "
-                          "phrase before '{}'; null = all of them"},
-    )
-    ctx_init: str | None = field(
-        default=CTX_FROM_TEMPLATE,
-        metadata={"help": "context initialisation: 'template' (the replaced pieces' own embeddings, the published "
-                          "CTX_INIT), a phrase (its first n_ctx pieces), or null (random N(0, init_std²))"},
-    )
-    class_token_position: PromptPosition | None = field(
-        default=None,
-        metadata={"help": "end | middle | front (class-name pieces placed exactly) | middle_released (the published "
-                          "base-to-novel layout); null = end"},
-    )
-    init_std: float = field(default=0.02, metadata={"help": "std of the random context initialisation"})
-    n_visual_tokens: int = field(
-        default=4, metadata={"help": "visual prompt tokens per prompted block (released: patch tokens overwritten)"}
-    )
+class BiomedAPConfig(ClinicalPromptConfig):
     prompt_start: int | None = field(
         default=None,
         metadata={"help": "first prompted ViT block when prompt_blocks is null; null = the first fusion layer "
                           "(blocks before it are cached), 0 with variant=released; 0 = every block (Biomed-DPT)"},
-    )
-    prompt_blocks: tuple[int, ...] | None = field(
-        default=None,
-        metadata={"help": "ViT blocks (0-based) that get fresh visual prompts (released: zero overwrites); null = "
-                          "every block from prompt_start"},
     )
     fusion: bool = field(default=True, metadata={"help": "gated cross-modal fusion on/off (ablation)"})
     fusion_layers: tuple[int, ...] | None = field(
@@ -308,11 +270,6 @@ class BiomedAPConfig(MethodConfig):
         metadata={"help": "replace the context of the class prompts by the last fusion layer's fused text context: "
                           "image-conditioned text features, at training and inference (B·C text passes)"},
     )
-    descriptions: str = field(
-        default="builtin",
-        metadata={"help": "high-anchor description bank: builtin, builtin:<dataset> or a bank file (see "
-                          "`biomedap prompts`)"},
-    )
     n_prompts: int = field(
         default=40,
         metadata={"help": "descriptions per class averaged into the high anchor (published: 40 few-shot, 50 B2N)"},
@@ -328,9 +285,6 @@ class BiomedAPConfig(MethodConfig):
                           "null = 0.5, or 0 with variant=released"},
     )
     lambda_high: float = field(default=12.5, metadata={"help": "λ_high: weight of mean|t − h| (expert anchor)"})
-    lambda_kl: float = field(
-        default=0.25, metadata={"help": "λ_KL: weight of KL(softmax(s f hᵀ) ‖ softmax(s f tᵀ)) summed / (B·C)"}
-    )
     lambda_low: float = field(default=0.3, metadata={"help": "λ_low: weight of mean|t − ℓ| (core anchor); 0 = off"})
     lambda_align: float = field(
         default=0.1, metadata={"help": "λ_align: weight of 1 − cos(mean fused text context, mean context); 0 = off"}
@@ -349,31 +303,14 @@ class BiomedAPConfig(MethodConfig):
     )
 
     def __post_init__(self):
-        if self.template != CLINICAL:
-            text = TEMPLATES.get(self.template, self.template)
-            if text.count("{}") != 1:
-                raise ValueError(f"template: {self.template!r} must be 'clinical', a template id or a text with "
-                                 "exactly one '{}' for the class name")
-        if self.n_ctx is not None and self.n_ctx < 1:
-            raise ValueError(f"n_ctx must be ≥ 1 or null, got {self.n_ctx}")
-        if self.ctx_init is not None and not self.ctx_init.strip():
-            raise ValueError("ctx_init: empty; use 'template', a phrase, or null for random context")
-        if self.class_token_position is not None and self.class_token_position not in POSITIONS:
-            raise ValueError(f"class_token_position must be one of {', '.join(POSITIONS)} or null, "
-                             f"got {self.class_token_position!r}")
-        if not self.init_std > 0:
-            raise ValueError(f"init_std must be > 0, got {self.init_std}")
-        if self.n_visual_tokens < 1:
-            raise ValueError(f"n_visual_tokens must be ≥ 1, got {self.n_visual_tokens}")
+        self.check_prompt_options()
         if self.prompt_start is not None and self.prompt_start < 0:
             raise ValueError(f"prompt_start must be ≥ 0 or null, got {self.prompt_start}")
-        for option in ("prompt_blocks", "fusion_layers"):
-            blocks = getattr(self, option)
-            if blocks is not None:
-                if not blocks:
-                    raise ValueError(f"{option}: give at least one block, or null for the default")
-                if len(set(blocks)) != len(blocks):
-                    raise ValueError(f"{option}: a block is listed twice: {list(blocks)}")
+        if self.fusion_layers is not None:
+            if not self.fusion_layers:
+                raise ValueError("fusion_layers: give at least one block, or null for the default")
+            if len(set(self.fusion_layers)) != len(self.fusion_layers):
+                raise ValueError(f"fusion_layers: a block is listed twice: {list(self.fusion_layers)}")
         if self.fusion_dim is not None and self.fusion_dim < 1:
             raise ValueError(f"fusion_dim must be ≥ 1 or null, got {self.fusion_dim}")
         if self.fusion_heads is not None and self.fusion_heads < 1:
@@ -394,7 +331,7 @@ class BiomedAPConfig(MethodConfig):
                              "'{}' for the class name")
         if self.beta is not None and not 0 <= self.beta <= 1:
             raise ValueError(f"beta must be in [0, 1] or null, got {self.beta}")
-        for name in ("lambda_high", "lambda_kl", "lambda_low", "lambda_align"):
+        for name in ("lambda_high", "lambda_low", "lambda_align"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         if self.confidence is not None and self.confidence not in CONFIDENCE:

@@ -54,72 +54,25 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..prompts.templates import TEMPLATES
 from ._deep_prompts import (
-    CLINICAL,
-    CTX_FROM_TEMPLATE,
-    POSITIONS,
+    ClinicalPromptConfig,
     ClinicalPromptLearner,
     DeepVisualPrompts,
-    PromptPosition,
     kl_distillation,
     l1_anchor_loss,
     zero_overwrite_hook,
 )
 from ._teacher import bank_centroid, description_features
-from .base import Batch, Method, MethodConfig, TrainingData
+from .base import Batch, Method, TrainingData
 
 
 @dataclass
-class BiomedDPTConfig(MethodConfig):
-    text_dropout: bool = field(
-        default=True,
-        metadata={"help": "run the frozen text transformer in train mode (dropout active) while training, as the "
-                          "published trainer did"},
-    )
-    template: str = field(
-        default=CLINICAL,
-        metadata={"help": "prompt template: 'clinical' (the clinical template of the catalog dataset the class names "
-                          "belong to; 'a photo of a {}.' for other class names), a template id (clinical/btmri) or a "
-                          "text with one '{}'"},
-    )
-    n_ctx: int | None = field(
-        default=None,
-        metadata={"help": "learned context vectors: they replace the first n_ctx word pieces of the template's "
-                          "phrase before '{}'; null = all of them"},
-    )
-    ctx_init: str | None = field(
-        default=CTX_FROM_TEMPLATE,
-        metadata={"help": "context initialisation: 'template' (the replaced pieces' own embeddings, as the published "
-                          "CTX_INIT), a phrase (its first n_ctx pieces), or null (random N(0, init_std²))"},
-    )
-    class_token_position: PromptPosition | None = field(
-        default=None,
-        metadata={"help": "end | middle | front (class-name pieces placed exactly) | middle_released (the published "
-                          "layout: the first piece after the context moves between its halves); null = end, or "
-                          "middle_released with variant=released"},
-    )
-    init_std: float = field(default=0.02, metadata={"help": "std of the random context initialisation"})
-    n_visual_tokens: int = field(
-        default=4, metadata={"help": "visual prompt tokens per prompted block (released: patch tokens overwritten)"}
-    )
+class BiomedDPTConfig(ClinicalPromptConfig):
     prompt_start: int = field(
         default=0, metadata={"help": "first prompted ViT block when prompt_blocks is null (0-based)"}
     )
-    prompt_blocks: tuple[int, ...] | None = field(
-        default=None,
-        metadata={"help": "ViT blocks (0-based) that get visual prompts; null = every block from prompt_start"},
-    )
-    descriptions: str = field(
-        default="builtin",
-        metadata={"help": "teacher description bank: builtin, builtin:<dataset> or a bank file (see "
-                          "`biomedap prompts`)"},
-    )
     n_prompts: int = field(default=50, metadata={"help": "descriptions per class averaged into the teacher h"})
     lambda_l1: float = field(default=12.5, metadata={"help": "λ_L1: weight of mean|t − h| (L1 to the teacher)"})
-    lambda_kl: float = field(
-        default=0.25, metadata={"help": "λ_KL: weight of KL(softmax(s f hᵀ) ‖ softmax(s f tᵀ)) summed / (B·C)"}
-    )
     variant: Literal["paper", "released"] = field(
         default="paper",
         metadata={"help": "paper: learnable zero-initialised deep visual prompts inserted after CLS | released: four "
@@ -128,35 +81,13 @@ class BiomedDPTConfig(MethodConfig):
     )
 
     def __post_init__(self):
-        if self.template != CLINICAL:
-            text = TEMPLATES.get(self.template, self.template)
-            if text.count("{}") != 1:
-                raise ValueError(f"template: {self.template!r} must be 'clinical', a template id or a text with "
-                                 "exactly one '{}' for the class name")
-        if self.n_ctx is not None and self.n_ctx < 1:
-            raise ValueError(f"n_ctx must be ≥ 1 or null, got {self.n_ctx}")
-        if self.ctx_init is not None and not self.ctx_init.strip():
-            raise ValueError("ctx_init: empty; use 'template', a phrase, or null for random context")
-        if self.class_token_position is not None and self.class_token_position not in POSITIONS:
-            raise ValueError(f"class_token_position must be one of {', '.join(POSITIONS)} or null, "
-                             f"got {self.class_token_position!r}")
-        if not self.init_std > 0:
-            raise ValueError(f"init_std must be > 0, got {self.init_std}")
-        if self.n_visual_tokens < 1:
-            raise ValueError(f"n_visual_tokens must be ≥ 1, got {self.n_visual_tokens}")
+        self.check_prompt_options()
         if self.prompt_start < 0:
             raise ValueError(f"prompt_start must be ≥ 0, got {self.prompt_start}")
-        if self.prompt_blocks is not None:
-            if not self.prompt_blocks:
-                raise ValueError("prompt_blocks: give at least one block, or null for every block from prompt_start")
-            if len(set(self.prompt_blocks)) != len(self.prompt_blocks):
-                raise ValueError(f"prompt_blocks: a block is listed twice: {list(self.prompt_blocks)}")
         if self.n_prompts < 1:
             raise ValueError(f"n_prompts must be ≥ 1, got {self.n_prompts}")
         if not self.lambda_l1 >= 0:
             raise ValueError(f"lambda_l1 must be ≥ 0, got {self.lambda_l1}")
-        if not self.lambda_kl >= 0:
-            raise ValueError(f"lambda_kl must be ≥ 0, got {self.lambda_kl}")
         if self.variant not in ("paper", "released"):
             raise ValueError(f"variant must be 'paper' or 'released', got {self.variant!r}")
 
