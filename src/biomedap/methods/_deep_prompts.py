@@ -37,7 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..prompts.templates import TEMPLATES
-from ._prompting import PromptLayout, build_prompt_layout, context_from_phrase, insert_context, random_context
+from ._prompting import (
+    PromptLayout,
+    build_prompt_layout,
+    context_from_phrase,
+    insert_context,
+    random_context,
+    register_layout,
+)
 from .base import MethodConfig
 
 if TYPE_CHECKING:
@@ -52,9 +59,12 @@ __all__ = [
     "DeepVisualPrompts",
     "POSITIONS",
     "PromptPosition",
+    "check_overwrite_fits",
     "kl_distillation",
     "l1_anchor_loss",
+    "overwrite_fingerprint",
     "released_middle_layout",
+    "resolve_prompt_blocks",
     "resolve_prompt_template",
     "split_template",
     "zero_overwrite_hook",
@@ -218,14 +228,7 @@ class ClinicalPromptLearner(nn.Module):
                                      fixed_before_name=self._fixed_pieces, suffix=self.rest)
         if self.position == "middle_released":
             layout = released_middle_layout(layout, self.n_ctx)
-        device = self.backbone.device
-        with torch.no_grad():
-            token_embeds = self.backbone.embed_tokens(layout.input_ids)
-        # Derived from class names + backbone: rebuilt, never saved.
-        self.register_buffer("token_embeds", token_embeds.to(device), persistent=False)
-        self.register_buffer("attention_mask", layout.attention_mask.to(device), persistent=False)
-        self.register_buffer("ctx_positions", layout.ctx_positions.to(device), persistent=False)
-        self.register_buffer("input_ids", layout.input_ids.to(device), persistent=False)
+        register_layout(self, self.backbone, layout)
 
     def prompt_texts(self) -> list[str]:
         """The template filled with each class name (what the prompts are before the context learns)."""
@@ -297,6 +300,32 @@ def zero_overwrite_hook(n_tokens: int, num_prefix_tokens: int, blocks: Iterable[
         return torch.cat([tokens[:, :p], zeros, tokens[:, p + n:]], dim=1)
 
     return hook
+
+
+def overwrite_fingerprint(n_tokens: int, blocks: Sequence[int], depth: int) -> str:
+    """Cache-namespace name of :func:`zero_overwrite_hook`: ``overwrite4``, or ``overwrite4@0,2`` for some blocks."""
+    name = f"overwrite{n_tokens}"
+    if tuple(blocks) != tuple(range(depth)):
+        name += "@" + ",".join(map(str, blocks))
+    return name
+
+
+def resolve_prompt_blocks(backbone: Backbone, prompt_blocks: Sequence[int] | None, start: int) -> tuple[int, ...]:
+    """The prompted ViT blocks, sorted: ``prompt_blocks`` checked against the depth, else ``start .. depth-1``."""
+    depth = backbone.vision.depth
+    if prompt_blocks is not None:
+        return tuple(sorted(backbone.validate_block_indices(prompt_blocks, "prompt_blocks")))
+    if start >= depth:
+        raise ValueError(f"prompt_start: block {start} is out of range for this backbone's ViT with {depth} blocks "
+                         f"(valid: 0..{depth - 1})")
+    return tuple(range(start, depth))
+
+
+def check_overwrite_fits(backbone: Backbone, n_tokens: int) -> None:
+    """The released overwrite replaces ``n_tokens`` patch tokens: there must be that many."""
+    if n_tokens > backbone.vision.num_patches:
+        raise ValueError(f"n_visual_tokens={n_tokens} overwrites more patch tokens than the "
+                         f"{backbone.vision.num_patches} the ViT has")
 
 
 # ------------------------------------------------------------------------------------ losses

@@ -104,6 +104,21 @@ def build_prompt_layout(
     return PromptLayout(ids, mask, torch.tensor(slots, dtype=torch.long).reshape(len(rows), n_ctx))
 
 
+def register_layout(module: torch.nn.Module, backbone: Backbone, layout: PromptLayout) -> None:
+    """Store a layout on ``module`` as non-persistent buffers: ``token_embeds`` (fixed word embeddings of the
+    rows), ``attention_mask``, ``ctx_positions`` and ``input_ids``.
+
+    Derived from the class names and the backbone, so rebuilt on construction and never saved.
+    """
+    device = backbone.device
+    with torch.no_grad():
+        token_embeds = backbone.embed_tokens(layout.input_ids)
+    module.register_buffer("token_embeds", token_embeds.to(device), persistent=False)
+    module.register_buffer("attention_mask", layout.attention_mask.to(device), persistent=False)
+    module.register_buffer("ctx_positions", layout.ctx_positions.to(device), persistent=False)
+    module.register_buffer("input_ids", layout.input_ids.to(device), persistent=False)
+
+
 def insert_context(token_embeds: torch.Tensor, ctx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Write context vectors into their slots.
 

@@ -152,8 +152,11 @@ from ._deep_prompts import (
     ClinicalPromptConfig,
     ClinicalPromptLearner,
     DeepVisualPrompts,
+    check_overwrite_fits,
     kl_distillation,
     l1_anchor_loss,
+    overwrite_fingerprint,
+    resolve_prompt_blocks,
     zero_overwrite_hook,
 )
 from ._fusion import GatedPromptFusion, ReleasedPromptFusion, branch_parameter_counts
@@ -378,21 +381,12 @@ class BiomedAP(Method):
 
         layers = default_fusion_layers(depth) if cfg.fusion_layers is None else cfg.fusion_layers
         self.fusion_layers: tuple[int, ...] = tuple(sorted(backbone.validate_block_indices(layers, "fusion_layers")))
-        if cfg.prompt_blocks is None:
-            start = cfg.prompt_start
-            if start is None:
-                start = 0 if released else self.fusion_layers[0]
-            if start >= depth:
-                raise ValueError(f"prompt_start: block {start} is out of range for this backbone's ViT with {depth} "
-                                 f"blocks (valid: 0..{depth - 1})")
-            blocks = list(range(start, depth))
-        else:
-            blocks = sorted(backbone.validate_block_indices(cfg.prompt_blocks, "prompt_blocks"))
-        self.blocks: tuple[int, ...] = tuple(blocks)
+        start = cfg.prompt_start
+        if start is None:
+            start = 0 if released else self.fusion_layers[0]
+        self.blocks: tuple[int, ...] = resolve_prompt_blocks(backbone, cfg.prompt_blocks, start)
         if released:
-            if cfg.n_visual_tokens > vision.num_patches:
-                raise ValueError(f"n_visual_tokens={cfg.n_visual_tokens} overwrites more patch tokens than the "
-                                 f"{vision.num_patches} the ViT has")
+            check_overwrite_fits(backbone, cfg.n_visual_tokens)
         elif cfg.fusion and self.blocks[0] > self.fusion_layers[0]:
             raise ValueError(f"fusion layer {self.fusion_layers[0]} comes before the first prompted block "
                              f"{self.blocks[0]}: there are no prompt tokens to fuse there; lower prompt_start (or "
@@ -461,10 +455,7 @@ class BiomedAP(Method):
     def prefix_fingerprint(self) -> str:
         if not self.released:
             return "plain"
-        name = f"overwrite{self.config.n_visual_tokens}"
-        if self.blocks != tuple(range(self.backbone.vision.depth)):
-            name += "@" + ",".join(map(str, self.blocks))
-        return name
+        return overwrite_fingerprint(self.config.n_visual_tokens, self.blocks, self.backbone.vision.depth)
 
     # ------------------------------------------------------------------ forward pieces
     def _text_stream(self, labels: torch.Tensor | None) -> torch.Tensor:

@@ -58,8 +58,11 @@ from ._deep_prompts import (
     ClinicalPromptConfig,
     ClinicalPromptLearner,
     DeepVisualPrompts,
+    check_overwrite_fits,
     kl_distillation,
     l1_anchor_loss,
+    overwrite_fingerprint,
+    resolve_prompt_blocks,
     zero_overwrite_hook,
 )
 from ._teacher import bank_centroid, description_features
@@ -103,18 +106,9 @@ class BiomedDPT(Method):
         super().__init__(backbone, classnames, config)
         cfg = self.config
         released = cfg.variant == "released"
-        depth = backbone.vision.depth
-        if cfg.prompt_blocks is None:
-            if cfg.prompt_start >= depth:
-                raise ValueError(f"prompt_start: block {cfg.prompt_start} is out of range for this backbone's ViT "
-                                 f"with {depth} blocks (valid: 0..{depth - 1})")
-            blocks = list(range(cfg.prompt_start, depth))
-        else:
-            blocks = sorted(backbone.validate_block_indices(cfg.prompt_blocks, "prompt_blocks"))
-        self.blocks: tuple[int, ...] = tuple(blocks)
-        if released and cfg.n_visual_tokens > backbone.vision.num_patches:
-            raise ValueError(f"n_visual_tokens={cfg.n_visual_tokens} overwrites more patch tokens than the "
-                             f"{backbone.vision.num_patches} the ViT has")
+        self.blocks: tuple[int, ...] = resolve_prompt_blocks(backbone, cfg.prompt_blocks, cfg.prompt_start)
+        if released:
+            check_overwrite_fits(backbone, cfg.n_visual_tokens)
         position = cfg.class_token_position or ("middle_released" if released else "end")
         self.prompt_learner = ClinicalPromptLearner(
             backbone, self.classnames, template=cfg.template, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init,
@@ -143,10 +137,7 @@ class BiomedDPT(Method):
     def prefix_fingerprint(self) -> str:
         if not self.released:
             return "plain"
-        name = f"overwrite{self.config.n_visual_tokens}"
-        if self.blocks != tuple(range(self.backbone.vision.depth)):
-            name += "@" + ",".join(map(str, self.blocks))
-        return name
+        return overwrite_fingerprint(self.config.n_visual_tokens, self.blocks, self.backbone.vision.depth)
 
     def image_features(self, batch: Batch) -> torch.Tensor:
         """Normalised prompted image features [B, D] from the batch's cached tokens or its pixels."""

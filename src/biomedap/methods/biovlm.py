@@ -102,7 +102,7 @@ from ..prompts.banks import (
     find_bank,
     load_attributes,
 )
-from ._prompting import build_prompt_layout, context_from_phrase, insert_context
+from ._prompting import build_prompt_layout, context_from_phrase, insert_context, register_layout
 from .base import Batch, Method, MethodConfig, TrainingData
 
 __all__ = [
@@ -322,13 +322,7 @@ class BioVLM(Method):
             self.backbone, self.classnames, self.config.n_ctx, "end",
             fixed_before_name=self._fixed_pieces, suffix=self.config.suffix,
         )
-        device = self.backbone.device
-        with torch.no_grad():
-            token_embeds = self.backbone.embed_tokens(layout.input_ids)
-        # Raw word embeddings of the rows (the text tower adds position/type embeddings once).
-        self.register_buffer("token_embeds", token_embeds.to(device), persistent=False)
-        self.register_buffer("attention_mask", layout.attention_mask.to(device), persistent=False)
-        self.register_buffer("ctx_positions", layout.ctx_positions.to(device), persistent=False)
+        register_layout(self, self.backbone, layout)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Re-target the bank to other class names (base-to-novel, cross-dataset); the teacher is dropped."""

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._prompting import ClassTokenPosition, build_prompt_layout, context_from_phrase, insert_context, random_context
+from ._prompting import (
+    ClassTokenPosition,
+    build_prompt_layout,
+    context_from_phrase,
+    insert_context,
+    random_context,
+    register_layout,
+)
 from .base import Batch, Method, MethodConfig
 
 
@@ -69,14 +76,7 @@ class CoOp(Method):
             self.backbone, self.classnames, self.ctx.shape[-2], self.config.class_token_position,
             fixed_before_name=self._fixed_pieces, suffix=self.config.suffix,
         )
-        device = self.backbone.device
-        with torch.no_grad():
-            token_embeds = self.backbone.embed_tokens(layout.input_ids)
-        # Derived from class names + backbone: rebuilt, never saved.
-        self.register_buffer("token_embeds", token_embeds.to(device), persistent=False)
-        self.register_buffer("attention_mask", layout.attention_mask.to(device), persistent=False)
-        self.register_buffer("ctx_positions", layout.ctx_positions.to(device), persistent=False)
-        self.register_buffer("input_ids", layout.input_ids.to(device), persistent=False)
+        register_layout(self, self.backbone, layout)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Re-target the learned context to other class names (base-to-novel evaluation)."""
