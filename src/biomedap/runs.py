@@ -201,9 +201,12 @@ def run_experiment(
             views = encode_samples(backbone, fewshot.train, train_views(augment, config.seed, count), cache=cache,
                                    precision=precision, num_workers=data_cfg.num_workers, progress=progress,
                                    desc=f"{what} views ({count})", prefix=prefix)
-        train_eval_features = views[0] if augment.kind == "none" and not on_tokens else encode_samples(
-            backbone, fewshot.train, ViewSpec(), cache=cache, precision=precision,
-            num_workers=data_cfg.num_workers, progress=progress, desc="train features (eval view)")
+        if on_tokens:  # plain features of the shots: token-space methods' prototypes (one extra pass, cached)
+            train_eval_features = encode_samples(
+                backbone, fewshot.train, ViewSpec(), cache=cache, precision=precision,
+                num_workers=data_cfg.num_workers, progress=progress, desc="train features (eval view)")
+        elif augment.kind == "none":  # feature-space methods get them only when they are already at hand
+            train_eval_features = views[0]
     # Named extra views (e.g. BioVLM's weak and strong views): as many as the main views, each
     # name with seeds of its own so that its crops differ from the main views'.
     extra_views = {}
@@ -234,7 +237,8 @@ def run_experiment(
         val_features, val_labels = eval_features.get("val", (None, None))
         training = TrainingData(
             train_features=(train_eval_features if on_tokens else views[0]).to(device), train_labels=labels.to(device),
-            views=None if on_tokens else views, train_eval_features=train_eval_features.to(device),
+            views=None if on_tokens else views,
+            train_eval_features=None if train_eval_features is None else train_eval_features.to(device),
             val_features=None if val_features is None else val_features.to(device),
             val_labels=None if val_labels is None else val_labels.to(device),
             optim=config.optim, seed=config.seed, precision=precision, cache=cache,

@@ -79,8 +79,8 @@ class TrainingData:
     seed: int = 0
     precision: str = "fp32"  # the run's resolved precision, for loops run inside prepare()
     cache: object | None = None  # the run's FeatureCache: teacher text features are stored there
-    # Frozen, unprompted eval-view features [N, D] of the training images (class prototypes), when the
-    # runner provides them (always for token-space methods).
+    # Frozen, unprompted eval-view features [N, D] of the training images (class prototypes): always for
+    # token-space methods; for feature-space methods only when the run does not augment (then = views[0]).
     train_eval_features: torch.Tensor | None = None
 
     def encode_texts(self, backbone: Backbone, texts: Sequence[str]) -> torch.Tensor:
