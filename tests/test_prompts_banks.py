@@ -371,3 +371,17 @@ def test_skeleton_bank():
     assert skeleton == {"b": [], "a": []} and list(skeleton) == ["b", "a"]
     match = check_against(skeleton, ["a", "b"])
     assert match.empty == ["a", "b"] and not match.ok
+
+
+def test_load_bank_file_reads_a_name_suffix_only_when_it_names_a_bank(tmp_path):
+    from biomedap.prompts import load_bank_file
+
+    two = tmp_path / "two.py"
+    two.write_text('A = {"x": ["a"]}\nB = {"x": ["b"]}\n')
+    assert load_bank_file(f"{two}:B") == {"x": ["b"]}
+    with pytest.raises(BankFormatError, match="several banks"):
+        load_bank_file(two)
+    odd = tmp_path / "bank.json:v2"  # a real file whose name ends in ':identifier'
+    odd.write_text(json.dumps({"x": ["c"]}))
+    with pytest.raises(BankFormatError, match="must be .json or .py"):
+        load_bank_file(odd)  # the whole name is the path, not PATH:NAME

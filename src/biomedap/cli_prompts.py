@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -144,15 +143,6 @@ def _classnames(args: argparse.Namespace) -> tuple[str, list[str]]:
     raise ValueError("name the classes to check against: --dataset NAME (catalog) or --data DIR (your own data)")
 
 
-def _user_bank(path: str) -> dict[str, list[str]]:
-    from .prompts.banks import load_external_bank
-
-    head, sep, tail = path.rpartition(":")
-    if sep and tail.isidentifier() and not Path(os.path.expanduser(path)).exists():
-        return load_external_bank(head, tail)
-    return load_external_bank(path)
-
-
 def _write_new(path: Path, text: str, force: bool) -> None:
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; pass --force to overwrite it")
@@ -164,14 +154,14 @@ def _write_new(path: Path, text: str, force: bool) -> None:
 
 
 def cmd_prompts_show(args: argparse.Namespace) -> int:
-    from .prompts.banks import attribute_sentences, load_attributes, load_bank
+    from .prompts.banks import attribute_sentences, load_attributes, load_bank, load_bank_file
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.bank:
         if args.attributes:
             raise ValueError("--attributes shows the built-in attribute lists; it cannot be combined with --bank")
-        bank = _user_bank(args.bank)
+        bank = load_bank_file(args.bank)
     elif args.attributes:
         frame, table = load_attributes(args.dataset or _need_dataset())
         bank = {name: attribute_sentences((frame, table), name) for name in table}
@@ -203,13 +193,13 @@ def _need_dataset() -> str:
 
 
 def cmd_prompts_check(args: argparse.Namespace) -> int:
-    from .prompts.banks import check_against, load_attributes, load_bank
+    from .prompts.banks import check_against, load_attributes, load_bank, load_bank_file
     from .prompts.quality import check_attributes, check_bank
 
     label, classnames = _classnames(args)
     problems = 0
     if args.bank:
-        bank = _user_bank(args.bank)
+        bank = load_bank_file(args.bank)
         match = check_against(bank, classnames)
         print(f"{args.bank} against {label} ({len(classnames)} classes): {'OK' if match.ok else 'problems'}")
         summary = match.summary()
@@ -236,7 +226,7 @@ def cmd_prompts_check(args: argparse.Namespace) -> int:
 
 
 def cmd_prompts_perturb(args: argparse.Namespace) -> int:
-    from .prompts.banks import load_bank
+    from .prompts.banks import load_bank, load_bank_file
     from .prompts.perturb import changed_fraction, perturb_bank, perturb_template, perturb_text
 
     if args.template is not None or args.text is not None:
@@ -254,7 +244,7 @@ def cmd_prompts_perturb(args: argparse.Namespace) -> int:
         print(f"changed {changed_fraction(original, result):.2f} of the words (level {args.level}, kind "
               f"{args.kind}, seed {args.seed})", file=sys.stderr)
         return EXIT_OK
-    bank = _user_bank(args.bank) if args.bank else load_bank(args.dataset or "btmri")
+    bank = load_bank_file(args.bank) if args.bank else load_bank(args.dataset or "btmri")
     noisy = perturb_bank(bank, args.level, args.seed, args.kind)
     text = json.dumps(noisy, indent=2, ensure_ascii=False) + "\n"
     if args.output:

@@ -45,6 +45,7 @@ __all__ = [
     "list_banks",
     "load_attributes",
     "load_bank",
+    "load_bank_file",
     "load_external_bank",
     "require_bank",
     "resolve_descriptions",
@@ -232,11 +233,7 @@ def resolve_descriptions(
     if text == BUILTIN or text.startswith(BUILTIN + ":"):
         dataset = text[len(BUILTIN) + 1:].strip() or None
         return require_bank(classnames, dataset, method=method, limit=limit)
-    path, name = text, None
-    head, sep, tail = text.rpartition(":")
-    if sep and tail.isidentifier() and not Path(os.path.expanduser(text)).exists():
-        path, name = head, tail
-    bank = load_external_bank(path, name)
+    bank = load_bank_file(text)
     match = check_against(bank, classnames)
     if not match.ok:
         who = f"{method}: " if method else ""
@@ -321,6 +318,19 @@ def _python_literals(path: Path) -> dict[str, object]:
             raise BankFormatError(f"{path}:{statement.lineno}: the value of {target} is not a literal ({err}); "
                                   f"{rule}") from None
     return values
+
+
+def load_bank_file(spec: str | os.PathLike) -> Bank:
+    """A user bank named as on the command line: ``PATH`` or ``PATH:NAME`` (one bank of a file defining several).
+
+    The ``:NAME`` suffix is read as a bank name only when it is an identifier and ``PATH:NAME`` is not
+    itself an existing file; see :func:`load_external_bank`.
+    """
+    text = os.fspath(spec)
+    head, sep, tail = text.rpartition(":")
+    if sep and tail.isidentifier() and not Path(os.path.expanduser(text)).exists():
+        return load_external_bank(head, tail)
+    return load_external_bank(text)
 
 
 def load_external_bank(path: str | os.PathLike, name: str | None = None) -> Bank:
